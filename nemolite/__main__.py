@@ -1,0 +1,5 @@
+import sys
+
+from nemolite.cli import main
+
+sys.exit(main())

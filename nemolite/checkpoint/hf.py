@@ -1,0 +1,165 @@
+"""Hugging Face checkpoints: safetensors files read straight into the model's parameters.
+
+The model is built on the meta device, materialised once in the target dtype, and each
+tensor is read from the file into its parameter (``readinto``), so loading needs the
+weights plus at most one tensor of extra memory, whatever the number of shards.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from nemolite.config import ModelConfig, load_config
+from nemolite.errors import NemoliteError
+from nemolite.model import CausalLM
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class SafetensorsEntry:
+    __slots__ = ("file", "name", "dtype", "shape", "offset", "num_bytes")
+
+    def __init__(self, file: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...], offset: int, num_bytes: int):
+        self.file, self.name, self.dtype, self.shape = file, name, dtype, shape
+        self.offset, self.num_bytes = offset, num_bytes
+
+
+def read_safetensors_header(file: Path) -> dict[str, SafetensorsEntry]:
+    """Parse the 8-byte length + JSON header of a .safetensors file (no tensor data is read)."""
+    try:
+        with open(file, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            if header_size > 100_000_000:
+                raise ValueError(f"header of {header_size} bytes")
+            header = json.loads(handle.read(header_size))
+        file_size = file.stat().st_size
+    except (OSError, ValueError, struct.error) as error:
+        raise NemoliteError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
+    data_start = 8 + header_size
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise NemoliteError(f"tensor {name} in {file} has unsupported dtype {info.get('dtype')}")
+        begin, end = info["data_offsets"]
+        if data_start + end > file_size:
+            raise NemoliteError(f"{file} is truncated: tensor {name} ends past the end of the file; re-download it")
+        entries[name] = SafetensorsEntry(file, name, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                         data_start + begin, end - begin)
+    return entries
+
+
+def checkpoint_entries(path: Path) -> dict[str, SafetensorsEntry]:
+    """Every tensor of a single-file or sharded safetensors checkpoint directory."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        files = sorted({path / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NemoliteError(f"no *.safetensors weights in {path}; convert PyTorch .bin checkpoints to safetensors")
+    entries: dict[str, SafetensorsEntry] = {}
+    for file in files:
+        if not file.is_file():
+            raise NemoliteError(f"{INDEX_FILE} names {file.name}, which is missing from {path}")
+        entries.update(read_safetensors_header(file))
+    return entries
+
+
+def read_into(entry: SafetensorsEntry, target: torch.Tensor, handle) -> None:
+    """Fill ``target`` (any dtype, any device) with the tensor's bytes, converting dtype if needed."""
+    direct = target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous()
+    buffer = target if direct else torch.empty(entry.shape, dtype=entry.dtype)
+    handle.seek(entry.offset)
+    if entry.num_bytes and handle.readinto(memoryview(buffer.view(torch.uint8).numpy()).cast("B")) != entry.num_bytes:
+        raise NemoliteError(f"{entry.file} is truncated at tensor {entry.name}; re-download it")
+    if not direct:
+        target.copy_(buffer)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16}
+    if dtype not in names:
+        raise NemoliteError(f"dtype {dtype!r} is not supported; use one of {sorted(names)}")
+    if dtype == "auto":
+        return names.get(config.torch_dtype or "float32", torch.float32) or torch.float32
+    return names[dtype]
+
+
+def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
+                  device: str | torch.device = "cpu") -> CausalLM:
+    """Load an HF-format checkpoint directory into a ready ``CausalLM`` in eval mode."""
+    path = Path(path)
+    config = load_config(path)
+    torch_dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to(torch_dtype).to_empty(device=device)
+    model.tie_weights()
+    params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    entries = checkpoint_entries(path)
+    expected = set(params)
+    if config.tie_word_embeddings:
+        entries.pop("lm_head.weight", None)
+    missing = sorted(expected - entries.keys())
+    unexpected = sorted(entries.keys() - expected)
+    if missing or unexpected:
+        raise NemoliteError(
+            f"checkpoint {path} does not match its config.json: "
+            f"missing tensors {_short_list(missing)}; unexpected tensors {_short_list(unexpected)}")
+    mismatched = [f"{name} has shape {list(entry.shape)} in the checkpoint but the config implies "
+                  f"{list(params[name].shape)}" for name, entry in _by_file_offset(entries)
+                  if tuple(params[name].shape) != entry.shape]
+    if mismatched:
+        raise NemoliteError(f"checkpoint {path} does not match its config.json: {_short_list(mismatched, 4)}")
+    with torch.no_grad():
+        handles: dict[Path, object] = {}
+        try:
+            for name, entry in _by_file_offset(entries):
+                if entry.file not in handles:
+                    handles[entry.file] = open(entry.file, "rb", buffering=0)
+                read_into(entry, params[name].data, handles[entry.file])
+        finally:
+            for handle in handles.values():
+                handle.close()
+    return model.eval()
+
+
+def _by_file_offset(entries: dict[str, SafetensorsEntry]) -> Iterator[tuple[str, SafetensorsEntry]]:
+    return iter(sorted(entries.items(), key=lambda item: (str(item[1].file), item[1].offset)))
+
+
+def _short_list(names: list[str], limit: int = 12) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names) - limit} more)' if len(names) > limit else ''}]"
+
+
+def save_hf_model(model: CausalLM, path: str | Path, hf_config: dict, dtype: torch.dtype | None = None) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (the caller supplies the HF config dict)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: (t.to(dtype) if dtype else t).detach().contiguous().cpu()
+             for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

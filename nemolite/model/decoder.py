@@ -1,0 +1,79 @@
+"""The one decoder: every Nemotron-family checkpoint is this model with a different ModelConfig."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nemolite.config import LayerSpec, ModelConfig
+from nemolite.model.layers import Attention, LinearReplacement, RotaryEmbedding, make_mlp, make_norm
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block ``h = x + attn(norm(x)); y = h + mlp(norm(h))``; no_op sublayers are absent."""
+
+    def __init__(self, config: ModelConfig, spec: LayerSpec, layer_index: int):
+        super().__init__()
+        self.spec = spec
+        if spec.attention != "no_op":
+            self.input_layernorm = make_norm(config)
+            self.self_attn = (Attention(config, spec, layer_index) if spec.attention == "attention"
+                              else LinearReplacement(config.hidden_size, "linear_attn"))
+        if spec.mlp != "no_op":
+            self.post_attention_layernorm = make_norm(config)
+            self.mlp = make_mlp(config, spec)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
+        if self.spec.attention != "no_op":
+            x = x + self.self_attn(self.input_layernorm(x), rotary, cache)
+        if self.spec.mlp != "no_op":
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class DecoderModel(nn.Module):
+    """Embedding, layers, final norm: hidden states out (reward heads read these)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec, i) for i, spec in enumerate(config.layers))
+        self.norm = make_norm(config)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """input_ids, positions [B, T] -> hidden [B, T, D]."""
+        x = self.embed_tokens(input_ids)
+        rotary = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rotary, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """Decoder plus LM head; parameter names equal the Hugging Face checkpoint's keys."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``), in the model dtype."""
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            positions = positions.expand(input_ids.shape[0], -1)
+        hidden = self.model(input_ids, positions, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)

@@ -1,0 +1,266 @@
+"""Tokenizers of the Nemotron family: HF ``tokenizer.json`` or SentencePiece ``tokenizer.model``.
+
+Also the BOS rule, chat templates (the Nemotron-4 instruct format, or the checkpoint's own
+jinja template) and a streaming decoder that never splits a multi-byte character.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nemolite.errors import NemoliteError
+
+NEMOTRON_STOP = "<extra_id_1>"
+ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer:
+    def __init__(self, backend: "_Backend", *, bos_token_id: int | None, eos_token_ids: list[int],
+                 add_bos_default: bool | None, chat_template: str | None, chat_format: str | None):
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.add_bos_default = add_bos_default
+        self.chat_template = chat_template
+        self.chat_format = chat_format  # "nemotron" when no template is given for a Nemotron model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model_type: str | None = None,
+                        bos_token_id: int | None = None, eos_token_ids: list[int] | None = None) -> "Tokenizer":
+        path = Path(path)
+        settings = _read_json(path / "tokenizer_config.json")
+        if (path / "tokenizer.json").is_file():
+            backend: _Backend = _HFBackend(path / "tokenizer.json")
+        elif (path / "tokenizer.model").is_file():
+            backend = _SentencePieceBackend(path / "tokenizer.model")
+        else:
+            raise NemoliteError(f"no tokenizer.json or tokenizer.model in {path}")
+        bos = bos_token_id if bos_token_id is not None else backend.token_to_id(_token_text(settings.get("bos_token")))
+        eos = list(eos_token_ids or [])
+        eos_from_settings = backend.token_to_id(_token_text(settings.get("eos_token")))
+        if eos_from_settings is not None and eos_from_settings not in eos:
+            eos.append(eos_from_settings)
+        if not eos and backend.default_eos is not None:
+            eos.append(backend.default_eos)
+        template = _chat_template(path, settings)
+        chat_format = "nemotron" if template is None and model_type == "nemotron" else None
+        return cls(backend, bos_token_id=bos, eos_token_ids=eos, add_bos_default=settings.get("add_bos_token"),
+                   chat_template=template, chat_format=chat_format)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.vocab_size
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; ``add_bos`` None follows the checkpoint's own rule."""
+        if add_bos is None and isinstance(self.backend, _HFBackend) and self.add_bos_default is None:
+            return self.backend.encode(text, add_special_tokens=True)
+        ids = self.backend.encode(text, add_special_tokens=False)
+        if add_bos is None:
+            add_bos = self.add_bos_default if self.add_bos_default is not None else True
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.backend.id_to_token(i) for i in ids]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        messages = validate_messages(messages)
+        if self.chat_template is not None:
+            return _render_jinja(self.chat_template, messages, add_generation_prompt,
+                                 bos_token=self.backend.id_to_token(self.bos_token_id) if self.bos_token_id is not None else "",
+                                 eos_token=self.backend.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else "")
+        if self.chat_format == "nemotron":
+            return nemotron_chat_prompt(messages, add_generation_prompt)
+        raise NemoliteError("this checkpoint has no chat template (no 'chat_template' in tokenizer_config.json and "
+                            "no chat_template.jinja); send a plain prompt to a completions API instead")
+
+    def chat_stop(self) -> tuple[list[str], list[int]]:
+        """Stop strings and stop token ids that end an assistant turn."""
+        if self.chat_template is None and self.chat_format == "nemotron":
+            stop_id = self.token_to_id(NEMOTRON_STOP)
+            return [NEMOTRON_STOP], [stop_id] if stop_id is not None else []
+        return [], []
+
+
+def nemotron_chat_prompt(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The Nemotron-4 instruct format (340B-Instruct model card)."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    parts = [f"<extra_id_0>System\n{system}\n"]
+    for message in messages:
+        if message["role"] == "user":
+            parts.append(f"<extra_id_1>User\n{message['content']}\n")
+        elif message["role"] == "assistant":
+            parts.append(f"<extra_id_1>Assistant\n{message['content']}\n")
+    if add_generation_prompt:
+        parts.append("<extra_id_1>Assistant\n")
+    return "".join(parts)
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise NemoliteError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise NemoliteError(f"messages[{index}] needs a 'role' of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(content, str):
+            raise NemoliteError(f"messages[{index}].content must be a string")
+        if message["role"] == "system" and index != 0:
+            raise NemoliteError(f"messages[{index}]: a system message may only come first")
+        checked.append({**message, "content": content})
+    return checked
+
+
+def _render_jinja(template: str, messages: list[dict], add_generation_prompt: bool, **tokens: str) -> str:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise NemoliteError(f"chat template refused the messages: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return environment.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    except jinja2.TemplateError as error:
+        raise NemoliteError(f"the checkpoint's chat template failed: {error}") from None
+
+
+def _chat_template(path: Path, settings: dict) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise NemoliteError(f"{file} is not valid JSON: {error}") from None
+
+
+def _token_text(token: Any) -> str | None:
+    """tokenizer_config tokens are plain strings or AddedToken dicts."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+class _Backend:
+    vocab_size: int
+    default_eos: int | None = None
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
+    def id_to_token(self, token_id: int) -> str: ...
+    def token_to_id(self, token: str | None) -> int | None: ...
+
+
+class _HFBackend(_Backend):
+    def __init__(self, file: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self.tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as error:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            raise NemoliteError(f"cannot read {file}: {error}") from None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+
+class _SentencePieceBackend(_Backend):
+    def __init__(self, file: Path):
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor()
+        try:
+            self.processor.Load(str(file))
+        except (OSError, RuntimeError) as error:
+            raise NemoliteError(f"cannot read SentencePiece model {file}: {error}") from None
+        self.vocab_size = self.processor.get_piece_size()
+        self.default_eos = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
+        self._control = {i for i in range(self.vocab_size) if self.processor.IsControl(i)}
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.processor.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        # Control pieces (<s>, </s>, <pad>) have no text; without skipping, show them as HF does.
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
+        if skip_special_tokens or not self._control.intersection(ids):
+            return self.processor.decode(ids)
+        text, run = [], []
+        for token_id in ids:
+            if token_id in self._control:
+                text += [self.processor.decode(run), self.processor.id_to_piece(token_id)]
+                run = []
+            else:
+                run.append(token_id)
+        return "".join(text + [self.processor.decode(run)])
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.processor.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else ""
+
+    def token_to_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self.processor.piece_to_id(token)
+        return None if token_id == self.processor.unk_id() and token != self.processor.id_to_piece(token_id) else token_id
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete characters.
+
+    Decodes a short window (from ``prefix_offset``) so that tokenizers which drop a leading
+    space at the start of a decode still give the right spacing.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-6:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # incomplete UTF-8 sequence (byte-fallback pieces) or nothing visible yet
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]

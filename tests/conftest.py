@@ -1,0 +1,123 @@
+"""Fixtures that build tiny checkpoints on the fly: random weights, tokenizers trained in-process."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("the model returns a value when the list is empty and the string holds one or more words "
+         "python reads files from disk each line ends with a newline character numbers like 42 and 1024 "
+         "são paulo café naïve 東京 ümlaut emoji 🙂 stays whole").split()
+
+LLAMA31_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(num_lines)]
+
+
+def write_sentencepiece(directory: Path, vocab_size: int = 320) -> None:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0,
+        user_defined_symbols=["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"], minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+
+
+def write_hf_tokenizer(directory: Path, vocab_size: int = 400, chat_template: str | None = LLAMA31_TEMPLATE) -> None:
+    """A byte-level BPE tokenizer.json with Llama-3.1's special tokens and BOS post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus(), trainer)
+    bos = tokenizer.token_to_id("<|begin_of_text|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    settings = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    if chat_template:
+        settings["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial norm weights and biases, so a missed ``+ 1`` or bias shows in the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def make_nemotron(directory: Path, *, tokenizer: bool = True, dtype: torch.dtype = torch.float32,
+                  max_shard_size: str | None = None, **overrides) -> Path:
+    from transformers import NemotronConfig, NemotronForCausalLM
+
+    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    bos_token_id=2, eos_token_id=3)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = NemotronForCausalLM(NemotronConfig(**settings)).to(dtype).eval()
+    randomize_norms(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if tokenizer:
+        write_sentencepiece(directory)
+    return directory
+
+
+def make_llama(directory: Path, *, tokenizer: bool = True, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rope_theta=500000.0, bos_token_id=0, eos_token_id=4,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    randomize_norms(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer:
+        write_hf_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def nemotron_dir(tmp_path_factory) -> Path:
+    return make_nemotron(tmp_path_factory.mktemp("nemotron"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def nemotron_llm(nemotron_dir):
+    from nemolite import LLM
+
+    return LLM(nemotron_dir, dtype="float32", device="cpu")
