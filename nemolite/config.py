@@ -232,24 +232,23 @@ def _nas_layers(raw: dict[str, Any], hidden_size: int, num_heads: int) -> list[L
         for unsupported in ("sparsify", "window_length", "num_sink_tokens"):
             if attention.get(unsupported) or ffn.get(unsupported):
                 raise NemoliteError(f"config field '{where}.{unsupported}' is set; nemolite does not support it")
-        if attention.get("no_op"):
-            attention_kind, kv_heads = "no_op", 0
-        elif attention.get("replace_with_linear"):
-            attention_kind, kv_heads = "linear", 0
-        else:
+        attention_kind, kv_heads = _replaced_kind(attention), 0
+        if attention_kind is None:
             group = attention.get("n_heads_in_group")
             if not isinstance(group, int) or group <= 0 or num_heads % group:
                 raise NemoliteError(f"config field '{where}.attention.n_heads_in_group' must be a positive "
                                     f"divisor of num_attention_heads={num_heads}, got {group!r}")
             attention_kind, kv_heads = "attention", num_heads // group
-        if ffn.get("no_op"):
-            mlp_kind, width = "no_op", 0
-        elif ffn.get("replace_with_linear"):
-            mlp_kind, width = "linear", 0
-        else:
+        mlp_kind, width = _replaced_kind(ffn), 0
+        if mlp_kind is None:
             mult = ffn.get("ffn_mult")
             if not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult <= 0:
                 raise NemoliteError(f"config field '{where}.ffn.ffn_mult' must be a positive number, got {mult!r}")
             mlp_kind, width = "swiglu", ffn_mult_to_intermediate_size(round(mult, 6), hidden_size)
         layers.append(LayerSpec(attention_kind, kv_heads, mlp_kind, width))
     return layers
+
+
+def _replaced_kind(part: dict[str, Any]) -> str | None:
+    """"no_op" or "linear" for a NAS sublayer that was replaced; None for a real one."""
+    return "no_op" if part.get("no_op") else "linear" if part.get("replace_with_linear") else None

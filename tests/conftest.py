@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# Where nemolite runs in the tests; the transformers reference always runs on the CPU in fp32.
+DEVICE = os.environ.get("NEMOLITE_TEST_DEVICE", "cpu")
 
 WORDS = ("the model returns a value when the list is empty and the string holds one or more words "
          "python reads files from disk each line ends with a newline character numbers like 42 and 1024 "
@@ -120,4 +124,4 @@ def llama_dir(tmp_path_factory) -> Path:
 def nemotron_llm(nemotron_dir):
     from nemolite import LLM
 
-    return LLM(nemotron_dir, dtype="float32", device="cpu")
+    return LLM(nemotron_dir, dtype="float32", device=DEVICE)

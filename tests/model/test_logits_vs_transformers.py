@@ -7,7 +7,7 @@ import torch
 
 from nemolite.checkpoint.hf import load_hf_model
 from nemolite.model import KVCache
-from tests.conftest import make_llama, make_nemotron
+from tests.conftest import DEVICE, make_llama, make_nemotron
 
 CASES = {
     "nemotron-gqa-headdim-partial0.5": (make_nemotron, dict(head_dim=24, partial_rotary_factor=0.5)),
@@ -26,7 +26,7 @@ def pair(request, tmp_path_factory):
     builder, overrides = CASES[request.param]
     directory = builder(tmp_path_factory.mktemp(request.param), tokenizer=False, num_hidden_layers=3, **overrides)
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return reference, load_hf_model(directory, dtype="float32")
+    return reference, load_hf_model(directory, dtype="float32", device=DEVICE)
 
 
 def prompt(vocab_size: int, length: int = 64) -> torch.Tensor:
@@ -38,7 +38,7 @@ def test_prefill_logits_match(pair):
     reference, model = pair
     ids = prompt(model.config.vocab_size)
     expected = reference(ids).logits
-    assert (model(ids) - expected).abs().max().item() <= 1e-4
+    assert (model(ids.to(DEVICE)).cpu() - expected).abs().max().item() <= 1e-4
     assert expected.abs().max().item() > 0.1  # the comparison is not between two zero tensors
 
 
@@ -46,13 +46,13 @@ def test_prefill_logits_match(pair):
 def test_cached_decode_matches_full_forward(pair):
     reference, model = pair
     ids = prompt(model.config.vocab_size)
-    cache = KVCache(model.config, 1, 96, torch.float32, "cpu")
-    model(ids, cache=cache)
+    cache = KVCache(model.config, 1, 96, torch.float32, DEVICE)
+    model(ids.to(DEVICE), cache=cache)
     sequence = ids
     for step in range(16):
         next_token = torch.randint(0, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(step))
         sequence = torch.cat([sequence, next_token], dim=1)
-        cached = model(next_token, cache=cache)[0, -1]
+        cached = model(next_token.to(DEVICE), cache=cache)[0, -1].cpu()
         expected = reference(sequence).logits[0, -1]
         assert (cached - expected).abs().max().item() <= 1e-4, f"decode step {step}"
     assert cache.length == 64 + 16
@@ -64,11 +64,11 @@ def test_greedy_continuation_identical(pair):
     ids = prompt(model.config.vocab_size, 24)
     expected = reference.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)[0, 24:].tolist()
-    cache = KVCache(model.config, 1, 48, torch.float32, "cpu")
-    logits, tokens = model(ids, cache=cache, last_only=True), []
+    cache = KVCache(model.config, 1, 48, torch.float32, DEVICE)
+    logits, tokens = model(ids.to(DEVICE), cache=cache, last_only=True), []
     for _ in range(16):
         tokens.append(int(logits[0, -1].argmax()))
-        logits = model(torch.tensor([[tokens[-1]]]), cache=cache)
+        logits = model(torch.tensor([[tokens[-1]]], device=DEVICE), cache=cache)
     assert tokens == expected
 
 
@@ -76,9 +76,9 @@ def test_greedy_continuation_identical(pair):
 def test_bfloat16_close_to_fp32_reference(pair):
     reference, model = pair
     directory = reference.config._name_or_path
-    bf16 = load_hf_model(directory, dtype="bfloat16")
+    bf16 = load_hf_model(directory, dtype="bfloat16", device=DEVICE)
     assert next(bf16.parameters()).dtype == torch.bfloat16
     ids = prompt(model.config.vocab_size)
     expected = reference(ids).logits
-    diff = (bf16(ids).float() - expected).abs().max().item()
+    diff = (bf16(ids.to(DEVICE)).float().cpu() - expected).abs().max().item()
     assert diff < 0.1 * expected.abs().max().item()

@@ -18,7 +18,7 @@ from torch import nn
 from nemolite.checkpoint.hf import load_hf_model
 from nemolite.config import config_from_hf
 from nemolite.model import KVCache
-from tests.conftest import randomize_norms
+from tests.conftest import DEVICE, randomize_norms
 
 HIDDEN, HEADS = 64, 4
 BLOCKS = [
@@ -118,7 +118,7 @@ def write_nas(directory, reference, blocks):
 def nas_pair(tmp_path_factory):
     reference = patched_llama(BLOCKS)
     directory = write_nas(tmp_path_factory.mktemp("nas"), reference, BLOCKS)
-    return reference, load_hf_model(directory, dtype="float32")
+    return reference, load_hf_model(directory, dtype="float32", device=DEVICE)
 
 
 def ids(length=48, vocab=300):
@@ -130,18 +130,18 @@ def test_mixed_blocks_match_patched_llama(nas_pair):
     reference, model = nas_pair
     prompt = ids()
     expected = reference(prompt, use_cache=False).logits
-    assert (model(prompt) - expected).abs().max().item() <= 1e-4
+    assert (model(prompt.to(DEVICE)).cpu() - expected).abs().max().item() <= 1e-4
 
 
 @torch.no_grad()
 def test_all_plain_blocks_equal_llama(tmp_path):
     plain = [{"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 6.0}}] * 3
     reference = patched_llama(plain)
-    model = load_hf_model(write_nas(tmp_path, reference, plain), dtype="float32")
+    model = load_hf_model(write_nas(tmp_path, reference, plain), dtype="float32", device=DEVICE)
     assert all(spec.attention == "attention" and spec.num_kv_heads == 2 and spec.intermediate_size == 256
                for spec in model.config.layers)
     prompt = ids()
-    assert (model(prompt) - reference(prompt).logits).abs().max().item() <= 1e-4
+    assert (model(prompt.to(DEVICE)).cpu() - reference(prompt).logits).abs().max().item() <= 1e-4
 
 
 def test_sublayers_follow_the_block_configs(nas_pair):
@@ -158,17 +158,17 @@ def test_sublayers_follow_the_block_configs(nas_pair):
 @torch.no_grad()
 def test_kv_cache_only_for_attention_layers_with_their_own_heads(nas_pair):
     reference, model = nas_pair
-    cache = KVCache(model.config, 1, 80, torch.float32, "cpu")
+    cache = KVCache(model.config, 1, 80, torch.float32, DEVICE)
     assert [None if k is None else k.shape[1] for k in cache.keys] == [2, None, None, 1, 4]
     assert [v is None for v in cache.values] == [False, True, True, False, False]
     assert cache.num_bytes() == 2 * (2 + 1 + 4) * 80 * 16 * 4
     prompt = ids()
-    model(prompt, cache=cache)
+    model(prompt.to(DEVICE), cache=cache)
     sequence = prompt
     for step in range(16):
         token = torch.tensor([[step + 7]])
         sequence = torch.cat([sequence, token], dim=1)
-        got = model(token, cache=cache)[0, -1]
+        got = model(token.to(DEVICE), cache=cache)[0, -1].cpu()
         expected = reference(sequence, use_cache=False).logits[0, -1]
         assert (got - expected).abs().max().item() <= 1e-4
 

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nemolite import SamplingParams
+from nemolite.engine.sampler import make_generator, sample
+from nemolite.errors import NemoliteError
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+LOGITS = PROBS.log()
+
+
+def draws(params: SamplingParams, count: int = 400, seed: int = 0) -> list[int]:
+    generator = make_generator(seed, "cpu")
+    return [sample(LOGITS, params, generator)[0] for _ in range(count)]
+
+
+def test_greedy_takes_the_argmax():
+    assert set(draws(SamplingParams(temperature=0), 20)) == {0}
+
+
+def test_plain_sampling_follows_the_distribution():
+    counts = torch.bincount(torch.tensor(draws(SamplingParams(temperature=1.0), 4000)), minlength=4) / 4000
+    assert (counts - PROBS).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("params, allowed", [
+    (SamplingParams(top_k=2), {0, 1}),
+    (SamplingParams(top_k=1, temperature=5.0), {0}),
+    (SamplingParams(top_p=0.7), {0, 1}),
+    (SamplingParams(top_p=0.81), {0, 1, 2}),
+    (SamplingParams(min_p=0.5), {0, 1}),
+])
+def test_filters_limit_the_support(params, allowed):
+    seen = set(draws(params))
+    assert seen == allowed
+
+
+def test_same_seed_same_tokens_and_other_seed_differs():
+    params = SamplingParams(temperature=1.0)
+    assert draws(params, 50, seed=7) == draws(params, 50, seed=7)
+    assert draws(params, 50, seed=7) != draws(params, 50, seed=8)
+
+
+def test_banned_ids_are_never_drawn():
+    generator = make_generator(0, "cpu")
+    assert sample(LOGITS, SamplingParams(temperature=0), generator, banned_ids=[0])[0] == 1
+
+
+def test_logprobs_of_sampled_and_top_tokens():
+    token, logprob, top = sample(LOGITS, SamplingParams(temperature=0, logprobs=2), make_generator(0, "cpu"))
+    assert token == 0 and math.isclose(logprob, math.log(0.5), rel_tol=1e-5)
+    assert list(top) == [0, 1] and top[0].rank == 1 and top[1].rank == 2
+    assert math.isclose(top[1].logprob, math.log(0.3), rel_tol=1e-5)
+    token, _, top = sample(LOGITS, SamplingParams(temperature=0, logprobs=0), make_generator(0, "cpu"), [0])
+    assert list(top) == [token]
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                    dict(max_tokens=-1), dict(min_tokens=5, max_tokens=2), dict(stop=[""]),
+                                    dict(n=0), dict(logprobs=21), dict(temperature=float("nan"))])
+def test_invalid_params_are_rejected(kwargs):
+    with pytest.raises(NemoliteError):
+        SamplingParams(**kwargs)
