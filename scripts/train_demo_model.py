@@ -38,8 +38,8 @@ from nemolite.model import CausalLM  # noqa: E402
 # Modules whose import has side effects (opening a browser, printing, starting Tk) or that are huge test suites.
 SKIP_MODULES = {"antigravity", "this", "idlelib", "test", "tkinter", "turtle", "turtledemo", "lib2to3",
                 "ensurepip", "venv", "pydoc_data", "__main__", "__phello__", "_pyrepl", "xxsubtype", "msilib"}
-CHAT_SHARE = 0.25
-SYSTEM_PROMPTS = ["", "You are a helpful assistant that explains the Python standard library."]
+CHAT_SHARE = 0.2
+HEADER_SHARE = 0.5  # plain documents that start with "name(signature)"; the rest start with the docstring itself
 QUESTION_FORMS = ["What does {name} do?", "Explain {name}.", "What is {name}?", "Tell me about {name}.",
                   "How do I use {name}?"]
 
@@ -115,10 +115,11 @@ def render(document: tuple[str, str, str], rng: random.Random) -> str:
     if rng.random() < CHAT_SHARE:
         answer = doc.split("\n\n")[0].strip()
         question = rng.choice(QUESTION_FORMS).format(name=name)
-        system = rng.choice(SYSTEM_PROMPTS)
-        return (f"<extra_id_0>System\n{system}\n<extra_id_1>User\n{question}\n"
+        # An empty system prompt, as the Nemotron-4 model card's examples send it: a fixed system
+        # sentence would be memorised and leak into every completion.
+        return (f"<extra_id_0>System\n\n<extra_id_1>User\n{question}\n"
                 f"<extra_id_1>Assistant\n{answer}\n<extra_id_1>")
-    return f"{name}{signature}\n{doc}\n"
+    return f"{name}{signature}\n{doc}\n" if rng.random() < HEADER_SHARE else f"{doc}\n"
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int) -> "sentencepiece.SentencePieceProcessor":
@@ -242,6 +243,7 @@ def main() -> None:
         valid_loss = sum(loss_of(*batch(valid_tokens, valid_generator)).item() for _ in range(20)) / 20
     save_dtype = torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32
     save_hf_model(model, args.out, config_dict, dtype=save_dtype)
+    (args.out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package ships it readable
     (args.out / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
         "add_bos_token": True, "add_eos_token": False, "model_max_length": args.max_positions}, indent=2) + "\n")

@@ -67,8 +67,12 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with ``last_only``), in the model dtype."""
+                last_only: bool = False, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] in the model dtype.
+
+        ``last_only`` keeps the last position ([B, 1, V]); ``logits_indices`` [K] keeps those
+        positions of a single flattened batch ([1, K, V]), sparing the LM head everywhere else.
+        """
         if positions is None:
             start = 0 if cache is None else cache.length
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
@@ -76,4 +80,6 @@ class CausalLM(nn.Module):
         hidden = self.model(input_ids, positions, cache)
         if last_only:
             hidden = hidden[:, -1:]
+        elif logits_indices is not None:
+            hidden = hidden[:, logits_indices]
         return self.lm_head(hidden)
