@@ -1,12 +1,8 @@
-"""``LLM``: load a checkpoint and generate, as vLLM users know it.
-
-Each sequence is decoded on its own over a contiguous KV cache; the batching engine
-replaces this loop without changing the API.
-"""
+"""``LLM``: load a checkpoint and generate offline, as vLLM users know it (batched by the engine)."""
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,43 +11,43 @@ import torch
 
 from nemolite.checkpoint import default_device, resolve_model_path
 from nemolite.checkpoint.hf import load_hf_model
-from nemolite.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from nemolite.engine.sampler import make_generator, sample
+from nemolite.engine.llm_engine import EngineArgs, LLMEngine
+from nemolite.engine.outputs import CompletionOutput, RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.errors import NemoliteError
-from nemolite.model import CausalLM, KVCache
-from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
+from nemolite.model import CausalLM
+from nemolite.tokenizer import Tokenizer
 
 OnText = Callable[[str], None]
 
 
+def load_model_and_tokenizer(model: str | Path | None, dtype: str | torch.dtype, device: torch.device,
+                             tokenizer: str | Path | None = None) -> tuple[CausalLM, Tokenizer, Path]:
+    path = resolve_model_path(model)
+    loaded = load_hf_model(path, dtype=dtype, device=device)
+    config = loaded.config
+    return loaded, Tokenizer.from_pretrained(tokenizer or path, model_type=config.model_type,
+                                             bos_token_id=config.bos_token_id,
+                                             eos_token_ids=config.eos_token_ids), path
+
+
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
-                 device: str | torch.device | None = None, seed: int = 0, tokenizer: str | Path | None = None):
-        path = resolve_model_path(model)
+                 device: str | torch.device | None = None, seed: int = 0, tokenizer: str | Path | None = None,
+                 **engine_args):
         self.device = torch.device(device) if device is not None else default_device()
-        self.model: CausalLM = load_hf_model(path, dtype=dtype, device=self.device)
+        self.model, self.tokenizer, self.model_path = load_model_and_tokenizer(model, dtype, self.device, tokenizer)
         self.config = self.model.config
         self.dtype = next(self.model.parameters()).dtype
-        self.tokenizer = Tokenizer.from_pretrained(tokenizer or path, model_type=self.config.model_type,
-                                                   bos_token_id=self.config.bos_token_id,
-                                                   eos_token_ids=self.config.eos_token_ids)
-        self.model_path = path
         self.seed = seed
-        self._request_counter = itertools.count()
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineArgs(**engine_args), seed=seed)
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
         texts, token_ids = self._prompts(prompts, prompt_token_ids)
         params = self._params_per_prompt(sampling_params, len(token_ids))
-        from tqdm import tqdm
-
-        outputs = []
-        for text, ids, request_params in tqdm(list(zip(texts, token_ids, params)), desc="Generating",
-                                              disable=not use_tqdm or len(token_ids) < 2, file=sys.stderr):
-            outputs.append(self._generate_request(text, ids, request_params))
-        return outputs
+        return self._run(list(zip(texts, token_ids, params)), use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
@@ -59,8 +55,7 @@ class LLM:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self.chat_params(sampling_params)
         prompts = [self.tokenizer.apply_chat_template(conversation) for conversation in conversations]
-        token_ids = [self.tokenizer.encode(prompt, add_bos=False) for prompt in prompts]
-        return [self._generate_request(prompt, ids, params) for prompt, ids in zip(prompts, token_ids)]
+        return self._run([(p, self.tokenizer.encode(p, add_bos=False), params) for p in prompts], use_tqdm)
 
     def chat_params(self, sampling_params: SamplingParams | None) -> SamplingParams:
         """The caller's parameters plus the template's end-of-turn stops."""
@@ -68,83 +63,42 @@ class LLM:
         stop_strings, stop_ids = self.tokenizer.chat_stop()
         if not stop_strings and not stop_ids:
             return params
-        import dataclasses
-
         return dataclasses.replace(params, stop=list(dict.fromkeys([*params.stop, *stop_strings])),
                                    stop_token_ids=list(dict.fromkeys([*params.stop_token_ids, *stop_ids])))
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams, on_text: OnText) -> CompletionOutput:
         """Generate one completion, calling ``on_text`` with each piece of new text."""
-        return self._generate_sequence(prompt_token_ids, params, 0, self._seed_for(params, 0), on_text)
+        request_id = self.engine.add_request(None, None, list(prompt_token_ids), params)
+        streamed, output = 0, None
+        while output is None or not output.finished:
+            for result in self.engine.step():
+                if result.request_id == request_id:
+                    output = result
+                    text = result.outputs[0].text
+                    if len(text) > streamed:
+                        on_text(text[streamed:])
+                        streamed = len(text)
+        return output.outputs[0]
 
-    def _generate_request(self, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
-        request_id = next(self._request_counter)
-        completions = [self._generate_sequence(prompt_ids, params, index, self._seed_for(params, request_id, index))
-                       for index in range(params.n)]
-        return RequestOutput(str(request_id), prompt, prompt_ids, completions)
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
 
-    def _seed_for(self, params: SamplingParams, request_id: int, index: int = 0) -> int:
-        base = params.seed if params.seed is not None else self.seed * 1_000_003 + request_id
-        return (base * 7919 + index) % (2**63)
-
-    @torch.inference_mode()
-    def _generate_sequence(self, prompt_ids: list[int], params: SamplingParams, index: int, seed: int,
-                           on_text: OnText | None = None) -> CompletionOutput:
-        context = self.config.max_position_embeddings
-        if len(prompt_ids) >= context:
-            raise NemoliteError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {context}; "
-                                "shorten the prompt")
-        budget = context - len(prompt_ids)
-        max_tokens = budget if params.max_tokens is None else min(params.max_tokens, budget)
-        output = CompletionOutput(index=index, text="", token_ids=[], cumulative_logprob=0.0,
-                                  logprobs=[] if params.logprobs is not None else None)
-        if max_tokens == 0:
-            output.finish_reason = "length"
-            return output
-        generator = make_generator(seed, self.device)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_token_ids))
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-        longest_stop = max((len(s) for s in params.stop), default=0)
-        cache = KVCache(self.config, 1, len(prompt_ids) + max_tokens, self.dtype, self.device)
-        inputs = torch.tensor([prompt_ids], device=self.device)
-        streamed = 0
-        while True:
-            logits = self.model(inputs, cache=cache, last_only=True)[0, -1]
-            banned = sorted(stop_ids) if len(output.token_ids) < params.min_tokens else None
-            token, logprob, top = sample(logits, params, generator, banned)
-            output.token_ids.append(token)
-            output.cumulative_logprob += logprob
-            if top is not None:
-                for token_id, entry in top.items():
-                    entry.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
-                output.logprobs.append(top)
-            if token in stop_ids:
-                output.finish_reason = "stop"
-                output.stop_reason = token if token in params.stop_token_ids else None
-                break
-            delta = detokenizer.push(token)
-            if delta:
-                searched_from = max(0, len(output.text) - longest_stop + 1)
-                output.text += delta
-                hit = (_find_stop(output.text, params.stop, searched_from)
-                       if len(output.token_ids) >= params.min_tokens else None)
-                if hit is not None:
-                    output.text = output.text[:hit[0]]
-                    output.finish_reason, output.stop_reason = "stop", hit[1]
-                    break
-            if len(output.token_ids) >= max_tokens:
-                output.finish_reason = "length"
-                break
-            if on_text:
-                # Hold back what could still become the start of a stop string.
-                safe_end = len(output.text) - max(0, longest_stop - 1)
-                if safe_end > streamed:
-                    on_text(output.text[streamed:safe_end])
-                    streamed = safe_end
-            inputs = torch.tensor([[token]], device=self.device)
-        if on_text and len(output.text) > streamed:
-            on_text(output.text[streamed:])
-        return output
+        ids: list[str] = []
+        try:
+            for prompt, token_ids, params in requests:
+                ids.append(self.engine.add_request(None, prompt, token_ids, params))
+        except NemoliteError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, file=sys.stderr) as bar:
+            while len(finished) < len(ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in ids]
 
     def _prompts(self, prompts, prompt_token_ids) -> tuple[list[str | None], list[list[int]]]:
         if prompts is None and prompt_token_ids is None:
@@ -179,16 +133,3 @@ class LLM:
         if len(sampling_params) != count:
             raise NemoliteError(f"got {len(sampling_params)} SamplingParams for {count} prompts; give one or one each")
         return sampling_params
-
-
-def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
-    """The earliest stop string in ``text[start:]``: (its position, the string)."""
-    best = None
-    for stop in stops:
-        position = text.find(stop, start)
-        if position >= 0 and (best is None or position < best[0]):
-            best = (position, stop)
-    return best
-
-
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -1,59 +1,103 @@
-"""Turns one position's logits into the next token: greedy, temperature, top-k, top-p, min-p."""
+"""Turns the logits of a step into next tokens, each row with its own SamplingParams.
+
+Penalties (repetition as NeMo/HF apply it, OpenAI presence/frequency), ``min_tokens``
+banning, then greedy or temperature + top-k + top-p + min-p sampling. Sampling is an
+exponential race drawn from each sequence's own generator, so a row's token depends only on
+its logits and seed, never on what else shares the batch.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence as Rows
 
 import torch
 
 from nemolite.engine.outputs import Logprob
 from nemolite.engine.sampling_params import SamplingParams
 
+SampleResult = tuple[int, float, "dict[int, Logprob] | None"]
+
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [V] (already divided by temperature) with the tokens top-k/top-p/min-p exclude set to -inf."""
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    if params.min_p > 0.0:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                    output_ids: list[int]) -> None:
+    """In place on one row [V]."""
+    vocab = logits.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({t for t in (*prompt_ids, *output_ids) if t < vocab}), dtype=torch.long,
+                            device=logits.device)
+        if seen.numel():
+            chosen = logits[seen]
+            logits[seen] = torch.where(chosen > 0, chosen / params.repetition_penalty,
+                                       chosen * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=vocab)[:vocab].float()
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits [S, V] (already divided by temperature), top_k [S] (0 = off), top_p [S], min_p [S]:
+    the logits with the tokens that top-k, then top-p, then min-p exclude set to -inf."""
+    vocab = logits.shape[-1]
+    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        limit = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+        drop = torch.arange(vocab, device=logits.device)[None, :] >= limit[:, None]
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        # A token goes when the tokens ranked above it already reach top_p; the first always stays.
+        drop |= (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    if bool((min_p > 0).any()):
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-           banned_ids: list[int] | None = None) -> tuple[int, float, dict[int, Logprob] | None]:
-    """logits [V] fp32 -> (token id, its logprob, top-N logprobs when asked).
+def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[torch.Generator],
+           banned_ids: Rows[list[int] | None] | None = None) -> list[SampleResult]:
+    """logits [S, V] -> per row (token id, its logprob, {token: Logprob} of it and the top-N when asked).
 
-    ``banned_ids`` (EOS and stop tokens before ``min_tokens``) can never be drawn. Sampling
-    is an exponential race drawn from the request's own generator, so the result depends
-    only on the logits and the seed, never on what else shares the batch.
+    ``banned_ids[i]`` (EOS and stop tokens before ``min_tokens``) can never be drawn in row i.
+    Logprobs are those of the model's distribution after penalties, before temperature.
     """
     logits = logits.float()
-    if banned_ids:
+    if banned_ids is not None and any(banned_ids):
         logits = logits.clone()
-        logits[banned_ids] = float("-inf")
+        for row, banned in enumerate(banned_ids):
+            if banned:
+                logits[row, banned] = float("-inf")
     logprobs = logits.log_softmax(-1)
-    if params.greedy:
-        token = int(logits.argmax())
-    else:
-        probs = filter_logits(logits / params.temperature, params).softmax(-1)
-        race = torch.empty_like(probs).exponential_(generator=generator)
-        token = int((probs / race).argmax())
-    token_logprob = float(logprobs[token])
-    top = None
-    if params.logprobs is not None:
-        top = {token: Logprob(token_logprob, rank=int((logprobs > logprobs[token]).sum()) + 1)}
-        if params.logprobs > 0:
-            values, ids = logprobs.topk(params.logprobs)
-            for rank, (value, token_id) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
-                top.setdefault(token_id, Logprob(value, rank=rank))
-    return token, token_logprob, top
+    tokens = logits.argmax(-1)
+    sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        device = logits.device
+        rows = torch.tensor(sampled_rows, device=device)
+        chosen = [params[row] for row in sampled_rows]
+        temperature = torch.tensor([p.temperature for p in chosen], device=device)
+        scaled = filter_logits(logits[rows] / temperature[:, None],
+                               torch.tensor([max(p.top_k, 0) for p in chosen], device=device),
+                               torch.tensor([p.top_p for p in chosen], device=device),
+                               torch.tensor([p.min_p for p in chosen], device=device))
+        probs = scaled.softmax(-1)
+        race = torch.empty_like(probs)
+        for index, row in enumerate(sampled_rows):
+            race[index].exponential_(generator=generators[row])
+        tokens[rows] = (probs / race).argmax(-1)
+    results = []
+    token_list = tokens.tolist()
+    for row, token in enumerate(token_list):
+        token_logprob = float(logprobs[row, token])
+        top = None
+        wanted = params[row].logprobs
+        if wanted is not None:
+            rank = int((logprobs[row] > logprobs[row, token]).sum()) + 1
+            top = {token: Logprob(token_logprob, rank=rank)}
+            if wanted > 0:
+                values, ids = logprobs[row].topk(wanted)
+                for rank, (value, token_id) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+                    top.setdefault(token_id, Logprob(value, rank=rank))
+        results.append((token, token_logprob, top))
+    return results

@@ -15,6 +15,9 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1 = off
     top_p: float = 1.0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0  # NeMo/HF: seen tokens' positive logits divided by it, negative multiplied
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
     max_tokens: int | None = 16  # None = up to the model's context
     min_tokens: int = 0
     stop: str | list[str] | None = None
@@ -35,6 +38,11 @@ class SamplingParams:
              f"got {self.top_k!r}")
         need(_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         need(_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        need(_number(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            need(_number(value) and -2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value!r}")
         need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
              f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         need(isinstance(self.min_tokens, int) and self.min_tokens >= 0,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemolite import SamplingParams
-from nemolite.engine.sampler import make_generator, sample
+from nemolite.engine.sampler import apply_penalties, make_generator, sample
 from nemolite.errors import NemoliteError
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -15,7 +15,11 @@ LOGITS = PROBS.log()
 
 def draws(params: SamplingParams, count: int = 400, seed: int = 0) -> list[int]:
     generator = make_generator(seed, "cpu")
-    return [sample(LOGITS, params, generator)[0] for _ in range(count)]
+    return [sample(LOGITS[None], [params], [generator])[0][0] for _ in range(count)]
+
+
+def sample_one(params: SamplingParams, banned=None):
+    return sample(LOGITS[None], [params], [make_generator(0, "cpu")], [banned])[0]
 
 
 def test_greedy_takes_the_argmax():
@@ -46,22 +50,42 @@ def test_same_seed_same_tokens_and_other_seed_differs():
 
 
 def test_banned_ids_are_never_drawn():
-    generator = make_generator(0, "cpu")
-    assert sample(LOGITS, SamplingParams(temperature=0), generator, banned_ids=[0])[0] == 1
+    assert sample_one(SamplingParams(temperature=0), banned=[0])[0] == 1
 
 
 def test_logprobs_of_sampled_and_top_tokens():
-    token, logprob, top = sample(LOGITS, SamplingParams(temperature=0, logprobs=2), make_generator(0, "cpu"))
+    token, logprob, top = sample_one(SamplingParams(temperature=0, logprobs=2))
     assert token == 0 and math.isclose(logprob, math.log(0.5), rel_tol=1e-5)
     assert list(top) == [0, 1] and top[0].rank == 1 and top[1].rank == 2
     assert math.isclose(top[1].logprob, math.log(0.3), rel_tol=1e-5)
-    token, _, top = sample(LOGITS, SamplingParams(temperature=0, logprobs=0), make_generator(0, "cpu"), [0])
+    token, _, top = sample_one(SamplingParams(temperature=0, logprobs=0), banned=[0])
     assert list(top) == [token]
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
                                     dict(max_tokens=-1), dict(min_tokens=5, max_tokens=2), dict(stop=[""]),
-                                    dict(n=0), dict(logprobs=21), dict(temperature=float("nan"))])
+                                    dict(n=0), dict(logprobs=21), dict(temperature=float("nan")),
+                                    dict(repetition_penalty=0), dict(presence_penalty=3)])
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(NemoliteError):
         SamplingParams(**kwargs)
+
+
+def test_rows_are_independent_of_their_batch():
+    params = [SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=0), SamplingParams(top_p=0.8)]
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    together = sample(logits, params, [make_generator(i, "cpu") for i in range(3)])
+    alone = [sample(logits[i:i + 1], [params[i]], [make_generator(i, "cpu")])[0] for i in range(3)]
+    assert [r[0] for r in together] == [r[0] for r in alone]
+
+
+def test_repetition_penalty_follows_nemo():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    apply_penalties(logits, SamplingParams(repetition_penalty=2.0), [0], [1])
+    assert logits.tolist() == [1.0, -4.0, 1.0, 0.5]
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens():
+    logits = torch.zeros(4)
+    apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [3], [1, 1, 2])
+    assert logits.tolist() == [0.0, -1.0, -0.75, 0.0]

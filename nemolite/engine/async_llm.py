@@ -1,0 +1,105 @@
+"""AsyncLLM: the engine on a background thread, requests as async streams; the server's only door."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from nemolite.checkpoint import default_device
+from nemolite.engine.llm import load_model_and_tokenizer
+from nemolite.engine.llm_engine import EngineArgs, LLMEngine
+from nemolite.engine.outputs import RequestOutput
+from nemolite.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; the process should be restarted."""
+
+
+class AsyncLLM:
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device | None = None, seed: int = 0, tokenizer: str | Path | None = None,
+                 **engine_args):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model, self.tokenizer, self.model_path = load_model_and_tokenizer(model, dtype, self.device, tokenizer)
+        self.config = self.model.config
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineArgs(**engine_args), seed=seed)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = False
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nemolite-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request as it progresses; leaving early aborts the request."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            request_id = self.engine.add_request(request_id, prompt, prompt_token_ids, params)
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"the engine stopped: {item}")
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks now."""
+        with self._lock:
+            self.engine.abort_request(request_id)
+            self._streams.pop(request_id, None)
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._closed:
+            with self._lock:
+                busy = self.engine.has_unfinished_requests()
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                with self._lock:
+                    outputs = self.engine.step()
+                    targets = [(self._streams.get(o.request_id), o) for o in outputs]
+                    for output in outputs:
+                        if output.finished:
+                            self._streams.pop(output.request_id, None)
+            except Exception as error:  # noqa: BLE001 - every waiting stream must hear of it
+                log.exception("engine step failed")
+                self.dead = error
+                with self._lock:
+                    streams, self._streams = list(self._streams.values()), {}
+                for loop, queue in streams:
+                    loop.call_soon_threadsafe(queue.put_nowait, error)
+                return
+            for target, output in targets:
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, output)

@@ -1,0 +1,81 @@
+"""The paged KV cache: per attention layer, ``num_blocks * block_size`` slots of [G_i, head_dim].
+
+Layers without attention (NAS ``no_op`` / ``linear``) hold nothing; each attention layer
+holds its own number of KV heads. A step's tokens arrive flattened into one row: decode
+tokens (one per sequence) first, then prefill chunks. ``AttentionMetadata`` says where each
+token's K/V goes (``slot_mapping``) and which slots each sequence attends over, so
+attention reads only the filled positions of each sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from nemolite.config import ModelConfig
+from nemolite.model.layers import causal_attention
+
+
+@dataclasses.dataclass(slots=True)
+class PrefillSegment:
+    start: int  # first token of the chunk in the flattened batch
+    length: int  # tokens in the chunk
+    context_slots: torch.Tensor  # [context] cache slots of every position up to the chunk's end
+
+
+@dataclasses.dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [N] cache slot of each new token
+    num_decode_tokens: int
+    decode_context_slots: torch.Tensor | None  # [B_decode, max_context], padded with slot 0
+    decode_mask: torch.Tensor | None  # [B_decode, 1, 1, max_context] True where a position is filled
+    prefill_segments: list[PrefillSegment]
+
+
+class PagedKVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        for spec in config.layers:
+            shape = (num_blocks * block_size, spec.num_kv_heads, config.head_dim)
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
+            self.values.append(torch.zeros(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
+        self.metadata: AttentionMetadata | None = None
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * block_size * config.head_dim * element * sum(s.num_kv_heads for s in config.layers if s.has_kv_cache)
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    def attend(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, H, N, hd], k/v [1, G, N, hd] for the step's N flattened tokens -> [1, H, N, hd]."""
+        metadata = self.metadata
+        keys, values = self.keys[layer_index], self.values[layer_index]
+        keys.index_copy_(0, metadata.slot_mapping, k[0].transpose(0, 1))
+        values.index_copy_(0, metadata.slot_mapping, v[0].transpose(0, 1))
+        decode = metadata.num_decode_tokens
+        parts = []
+        if decode:
+            # [B, max_context, G, hd] -> [B, G, max_context, hd]; one query per sequence.
+            context_keys = keys[metadata.decode_context_slots].transpose(1, 2)
+            context_values = values[metadata.decode_context_slots].transpose(1, 2)
+            queries = q[0, :, :decode].transpose(0, 1).unsqueeze(2)  # [B, H, 1, hd]
+            out = causal_attention(queries, context_keys, context_values, mask=metadata.decode_mask)
+            parts.append(out.squeeze(2).transpose(0, 1))  # [H, B, hd]
+        for segment in metadata.prefill_segments:
+            slots = segment.context_slots
+            context_keys = keys[slots].transpose(0, 1).unsqueeze(0)  # [1, G, context, hd]
+            context_values = values[slots].transpose(0, 1).unsqueeze(0)
+            queries = q[:, :, segment.start:segment.start + segment.length]
+            parts.append(causal_attention(queries, context_keys, context_values)[0])
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
+
+    def advance(self, num_tokens: int) -> None:
+        """Positions are managed by the engine, not the cache."""

@@ -1,0 +1,245 @@
+"""LLMEngine: requests in, one scheduled step at a time, RequestOutputs out.
+
+Owns the paged KV cache, the block manager, the scheduler and the model runner; turns each
+sampled token into text and applies the stop rules. Knows nothing of HTTP or threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import torch
+
+from nemolite.engine.block_manager import BlockManager
+from nemolite.engine.kv_cache import PagedKVCache
+from nemolite.engine.outputs import CompletionOutput, RequestOutput
+from nemolite.engine.runner import ModelRunner
+from nemolite.engine.sampler import apply_penalties, make_generator, sample
+from nemolite.engine.sampling_params import SamplingParams
+from nemolite.engine.scheduler import Scheduler
+from nemolite.engine.sequence import Sequence
+from nemolite.errors import NemoliteError
+from nemolite.model import CausalLM
+from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclasses.dataclass(slots=True)
+class EngineArgs:
+    kv_cache_gb: float | None = None  # None: enough for max_num_seqs full contexts, at most 25% of free memory
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+
+
+@dataclasses.dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+    def output(self, final: bool) -> RequestOutput:
+        """A snapshot the caller may keep while the engine goes on."""
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [_snapshot(seq) for seq in self.seqs], finished=final)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, args: EngineArgs | None = None, seed: int = 0):
+        self.model = model
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.args = args = args or EngineArgs()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.seed = seed
+        num_blocks = self._num_blocks(args)
+        self.cache = PagedKVCache(self.config, num_blocks, args.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache, self.device)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_counter = itertools.count()
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    def _num_blocks(self, args: EngineArgs) -> int:
+        per_block = PagedKVCache.bytes_per_block(self.config, args.block_size, self.dtype)
+        if per_block == 0:  # no attention layer at all: blocks cost nothing
+            return args.max_num_seqs * -(-self.config.max_position_embeddings // args.block_size)
+        if args.kv_cache_gb is not None:
+            budget = args.kv_cache_gb * 1e9
+        else:
+            wanted = args.max_num_seqs * self.config.max_position_embeddings * per_block / args.block_size
+            budget = min(wanted, 0.25 * _free_memory(self.device))
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise NemoliteError(f"a KV cache of {budget / 1e9:.3f} GB holds no block of {per_block} bytes; "
+                                "raise --kv-cache-gb")
+        return num_blocks
+
+    def add_request(self, request_id: str | None, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> str:
+        request_id = str(next(self._request_counter)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise NemoliteError(f"request id {request_id!r} is already in use")
+        context = self.config.max_position_embeddings
+        if not prompt_token_ids:
+            raise NemoliteError("the prompt is empty; give at least one token")
+        if len(prompt_token_ids) >= context:
+            raise NemoliteError(f"the prompt has {len(prompt_token_ids)} tokens but the model's context is "
+                                f"{context}; shorten the prompt")
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise NemoliteError(f"prompt token ids must be in [0, {vocab})")
+        longest = min(context, len(prompt_token_ids) + (params.max_tokens if params.max_tokens is not None else context))
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            raise NemoliteError(f"the KV cache ({self.block_manager.num_blocks} blocks of {self.args.block_size} "
+                                f"tokens) cannot hold {longest} tokens; raise --kv-cache-gb or lower max_tokens")
+        now = time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), params,
+                           make_generator(self._seed(params, index), self.device), now)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            seq.waits_for = seqs[0] if seqs else None
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
+        for seq in seqs:
+            if params.max_tokens == 0:
+                seq.output.finish_reason = "length"
+                self.scheduler.finish(seq)
+            else:
+                self.scheduler.add(seq)
+        return request_id
+
+    def _seed(self, params: SamplingParams, index: int) -> int:
+        base = params.seed if params.seed is not None else self.seed * 1_000_003 + next(self._request_counter)
+        return (base * 7919 + index) % (2**63)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else ():
+            if not seq.finished:
+                seq.output.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; the outputs of every request that moved (finished ones leave)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return [request.output(True) for request in self._pop_finished()]
+        logits, samplers = self.runner.execute(batch)
+        for seq, num_tokens in batch:
+            self.block_manager.mark_computed(seq, num_tokens)
+            if seq.num_output_tokens == 0:
+                self.num_prompt_tokens += num_tokens
+        for row, seq in enumerate(samplers):
+            params = seq.params
+            if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+                apply_penalties(logits[row], params, seq.prompt_token_ids, seq.output.token_ids)
+        banned = [self._banned(seq) for seq in samplers]
+        results = sample(logits, [seq.params for seq in samplers], [seq.generator for seq in samplers], banned)
+        moved = {}
+        for seq, (token, logprob, top) in zip(samplers, results):
+            self._append_token(seq, token, logprob, top)
+            moved[seq.request_id] = self.requests[seq.request_id]
+        outputs = [request.output(request.finished) for request in moved.values()]
+        self._pop_finished()
+        return outputs
+
+    def _banned(self, seq: Sequence) -> list[int] | None:
+        if seq.num_output_tokens >= seq.params.min_tokens:
+            return None
+        return self._stop_ids(seq.params)
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
+        return list(dict.fromkeys([*params.stop_token_ids, *eos]))
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
+        params, output = seq.params, seq.output
+        seq.token_ids.append(token)
+        output.token_ids.append(token)
+        output.cumulative_logprob += logprob
+        self.num_generated_tokens += 1
+        if top is not None:
+            for token_id, entry in top.items():
+                entry.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            output.logprobs.append(top)
+        if token in self._stop_ids(params):
+            output.finish_reason = "stop"
+            output.stop_reason = token if token in params.stop_token_ids else None
+        else:
+            delta = seq.detokenizer.push(token)
+            if delta and params.stop and seq.num_output_tokens >= params.min_tokens:
+                longest = max(len(s) for s in params.stop)
+                searched_from = max(0, len(output.text) - longest + 1)
+                output.text += delta
+                hit = _find_stop(output.text, params.stop, searched_from)
+                if hit is not None:
+                    output.text = output.text[:hit[0]]
+                    output.finish_reason, output.stop_reason = "stop", hit[1]
+            else:
+                output.text += delta
+        if output.finish_reason is None and (
+                (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
+                or len(seq) >= self.config.max_position_embeddings):
+            output.finish_reason = "length"
+        if output.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _pop_finished(self) -> list[Request]:
+        done = [request for request in self.requests.values() if request.finished]
+        for request in done:
+            del self.requests[request.request_id]
+        return done
+
+    def stats(self) -> dict[str, float]:
+        manager = self.block_manager
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": manager.num_blocks, "kv_blocks_free": manager.num_free_blocks,
+                "prefix_cache_hit_rate": manager.prefix_hit_rate, "num_preemptions": self.scheduler.num_preemptions,
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generated_tokens}
+
+
+def _snapshot(seq: Sequence) -> CompletionOutput:
+    """The output so far, without trailing text that could still turn out to start a stop string."""
+    output, text = seq.output, seq.output.text
+    if output.finish_reason is None and seq.params.stop:
+        text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+    return dataclasses.replace(output, text=text, token_ids=list(output.token_ids),
+                               logprobs=None if output.logprobs is None else list(output.logprobs))
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
+    """The earliest stop string in ``text[start:]``: (its position, the string)."""
+    best = None
+    for stop in stops:
+        position = text.find(stop, start)
+        if position >= 0 and (best is None or position < best[0]):
+            best = (position, stop)
+    return best
+
+
+def _free_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4e9

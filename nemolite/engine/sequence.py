@@ -1,0 +1,70 @@
+"""One sequence being generated: its tokens, its blocks in the paged KV cache, its output so far."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from nemolite.engine.outputs import CompletionOutput
+from nemolite.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A prompt and one of its completions (a request with ``n`` > 1 owns ``n`` sequences)."""
+
+    __slots__ = ("seq_id", "request_id", "index", "prompt_token_ids", "token_ids", "params", "status",
+                 "block_table", "block_hashes", "num_computed_tokens", "num_cached_tokens", "generator",
+                 "output", "detokenizer", "streamed", "prompt_logprobs", "waits_for", "arrival")
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, generator: torch.Generator, arrival: float):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
+        self.token_ids = list(prompt_token_ids)  # prompt + generated
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash of each full block whose KV is computed, in order
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # of those, how many came from the prefix cache
+        self.generator = generator
+        self.output = CompletionOutput(index=index, text="", token_ids=[], cumulative_logprob=0.0,
+                                       logprobs=[] if params.logprobs is not None else None)
+        self.detokenizer = None
+        self.streamed = 0  # characters of output.text already handed to the caller
+        self.prompt_logprobs: list | None = None
+        self.waits_for: "Sequence | None" = None  # a sibling whose prompt blocks this one will reuse
+        self.arrival = arrival
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """Still computing the prompt (or recomputing after preemption)."""
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

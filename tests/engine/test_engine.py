@@ -1,0 +1,97 @@
+"""The batching engine: same outputs alone or batched, under preemption, chunking and prefix caching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nemolite import LLM, SamplingParams
+from nemolite.engine.async_llm import AsyncLLM
+from tests.conftest import DEVICE
+
+PROMPTS = ["the model returns a value", "python reads files", "numbers like 42 and 1024 stay", "café",
+           "each line ends with a newline character and the string holds one or more words", "emoji 🙂",
+           "the list is empty", "são paulo"]
+
+
+def params_for(index: int) -> SamplingParams:
+    if index % 2:
+        return SamplingParams(temperature=0.9, top_p=0.95, seed=100 + index, max_tokens=12 + index, ignore_eos=True)
+    return SamplingParams(temperature=0, max_tokens=10 + index, ignore_eos=True)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def alone(nemotron_llm):
+    return [nemotron_llm.generate(p, params_for(i))[0].outputs[0].token_ids for i, p in enumerate(PROMPTS)]
+
+
+def test_batched_equals_alone(nemotron_llm, alone):
+    batched = nemotron_llm.generate(PROMPTS, [params_for(i) for i in range(len(PROMPTS))], use_tqdm=False)
+    assert token_ids(batched) == alone
+
+
+def test_small_kv_budget_preempts_and_still_agrees(nemotron_dir, alone):
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, block_size=4, kv_cache_gb=20 * 2048 / 1e9)  # 2048 bytes a block
+    assert llm.engine.block_manager.num_blocks == 20
+    outputs = llm.generate(PROMPTS, [params_for(i) for i in range(len(PROMPTS))], use_tqdm=False)
+    assert token_ids(outputs) == alone
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == 20
+
+
+def test_chunked_prefill_agrees(nemotron_dir, alone):
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, max_num_batched_tokens=5, max_num_seqs=3)
+    outputs = llm.generate(PROMPTS, [params_for(i) for i in range(len(PROMPTS))], use_tqdm=False)
+    assert token_ids(outputs) == alone
+
+
+def test_prefix_cache_hits_and_agrees(nemotron_dir):
+    shared = "each line ends with a newline character and the string holds one or more words " * 3
+    prompts = [shared + tail for tail in ("python", "the model", "numbers")]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    cached = LLM(nemotron_dir, dtype="float32", device=DEVICE, block_size=4)
+    first = cached.generate(prompts[0], greedy)
+    rest = cached.generate(prompts[1:], greedy, use_tqdm=False)
+    assert cached.engine.block_manager.prefix_hit_rate > 0.5
+    plain = LLM(nemotron_dir, dtype="float32", device=DEVICE, enable_prefix_caching=False)
+    assert token_ids(first + rest) == token_ids(plain.generate(prompts, greedy, use_tqdm=False))
+    assert plain.engine.block_manager.prefix_hit_rate == 0
+
+
+def test_n_samples_share_the_prompt(nemotron_dir):
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, block_size=4)
+    prompt = "each line ends with a newline character and the string holds one or more words"
+    [result] = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True))
+    assert len(result.outputs) == 4 and len({tuple(o.token_ids) for o in result.outputs}) > 1
+    assert llm.engine.block_manager.prefix_hits > 0
+
+
+def test_async_stream_and_abort(nemotron_dir):
+    engine = AsyncLLM(nemotron_dir, dtype="float32", device=DEVICE)
+    ids = engine.tokenizer.encode("the model returns")
+
+    async def main():
+        texts = []
+        async for output in engine.generate(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)):
+            texts.append(output.outputs[0].text)
+        assert output.finished and output.outputs[0].finish_reason == "length"
+        assert texts == sorted(texts, key=len) and len(texts) >= 2
+        stream = engine.generate(ids, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()  # the client went away: the request is aborted
+        return texts[-1]
+
+    try:
+        final = asyncio.run(main())
+        stats = engine.stats()
+        assert stats["num_running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        assert final == LLM(nemotron_dir, dtype="float32", device=DEVICE).generate(
+            "the model returns", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    finally:
+        engine.shutdown()
