@@ -14,6 +14,22 @@ log = logging.getLogger("nemolite")
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="KV cache size (default: room for --max-num-seqs full contexts, at most 25%% of free memory)")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="tokens per step at most (longer prompts are prefilled in chunks)")
+    engine.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    engine.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the decode step: slower start, faster steady state")
+
+
+def engine_options(args) -> dict:
+    return {"kv_cache_gb": args.kv_cache_gb, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": not args.no_prefix_caching,
+            "compile": args.compile}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
@@ -45,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="system prompt")
     _add_model_options(chat)
     _add_sampling_options(chat, max_tokens=256, temperature=0.7)
+
+    from nemolite.bench import WORKLOADS
+
+    bench = commands.add_parser("bench", help="measure nemolite against transformers on named workloads",
+                                description="Runs each workload against nemolite and, in the same run, its peers "
+                                            "(each in its own process) and prints tok/s, GB/s, TTFT, ITL, peak RSS "
+                                            "and the ratios. Without --model it creates the 204 M-parameter "
+                                            "benchmark checkpoint.")
+    bench.add_argument("--workload", action="append", choices=sorted(WORKLOADS), default=None,
+                       help="repeatable (default: all)")
+    bench.add_argument("--model", default=None, help="checkpoint directory (default: the benchmark checkpoint)")
+    bench.add_argument("--backends", default="nemolite,transformers", help="comma-separated: nemolite, transformers")
+    bench.add_argument("--json", default=None, help="also write the results to this file")
+    _add_model_options(bench)
+    bench.set_defaults(dtype="bfloat16", compile=True)
     return parser
 
 
@@ -60,7 +91,7 @@ def _load(model, args):
     from nemolite.engine.llm import LLM
 
     log.info("loading %s", model or "the bundled demo model")
-    return LLM(model, dtype=args.dtype, device=args.device, seed=args.seed)
+    return LLM(model, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
 
 
 def run_generate(args) -> int:
@@ -111,11 +142,25 @@ def run_chat(args) -> int:
         messages.append({"role": "assistant", "content": output.text.strip()})
 
 
+def run_bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from nemolite.bench import WORKLOADS, bench
+
+    options = {"dtype": args.dtype, "device": args.device, "engine": engine_options(args)}
+    rows = bench(args.workload or list(WORKLOADS), Path(args.model) if args.model else None,
+                 [b.strip() for b in args.backends.split(",") if b.strip()], options)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"generate": run_generate, "chat": run_chat}
+    handlers = {"generate": run_generate, "chat": run_chat, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except NemoliteError as error:

@@ -1,0 +1,202 @@
+"""``nemolite bench``: named workloads against nemolite and, in the same run, its peers.
+
+Each backend runs in its own subprocess (so peak RSS is its own) on the same checkpoint and
+the same random prompts; the parent prints tokens/s, achieved GB/s (weight bytes read per
+decode step x steps/s), time to first token, inter-token latency, peak RSS and the ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# The issue's benchmark model: a random Nemotron-4-architecture checkpoint, 204 M parameters in bf16.
+BENCH_CONFIG = {
+    "architectures": ["NemotronForCausalLM"], "model_type": "nemotron", "vocab_size": 32000, "hidden_size": 1024,
+    "intermediate_size": 4096, "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 64, "hidden_act": "relu2", "max_position_embeddings": 4096, "norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    "bos_token_id": 2, "eos_token_id": 3, "tie_word_embeddings": False, "dtype": "bfloat16",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    description: str
+
+
+WORKLOADS = {w.name: w for w in (
+    Workload("decode-1", 1, 32, 128, "batch-1 greedy decode, 32-token prompt, 128 new tokens"),
+    Workload("batch-16", 16, 32, 128, "16 concurrent requests x 128 new tokens"),
+    Workload("batch-64", 64, 32, 64, "64 concurrent requests x 64 new tokens"),
+)}
+
+
+def default_checkpoint() -> Path:
+    return Path(os.environ.get("NEMOLITE_CACHE", Path.home() / ".cache" / "nemolite")) / "bench-nemotron-204m"
+
+
+def make_bench_checkpoint(path: Path) -> Path:
+    """Random weights (std 0.02) saved in bf16, plus a word-level tokenizer covering the vocabulary."""
+    if (path / "model.safetensors").exists():
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from nemolite.checkpoint.hf import save_hf_model
+    from nemolite.config import config_from_hf
+    from nemolite.model import CausalLM
+
+    print(f"creating the benchmark checkpoint in {path}", file=sys.stderr)
+    torch.manual_seed(0)
+    model = CausalLM(config_from_hf(BENCH_CONFIG)).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.02) if param.dim() == 2 else param.zero_()
+    tmp = path.with_name(path.name + ".partial")
+    save_hf_model(model, tmp, BENCH_CONFIG)
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, BENCH_CONFIG["vocab_size"])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tmp.rename(path)
+    return path
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of weights read per decode step: every matrix but the embedding (one row of it is read)."""
+    from nemolite.checkpoint.hf import checkpoint_entries
+
+    entries = checkpoint_entries(path)
+    return sum(e.num_bytes for name, e in entries.items() if name != "model.embed_tokens.weight")
+
+
+def prompts(workload: Workload, vocab_size: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(4, vocab_size, (workload.batch_size, workload.prompt_len), generator=generator).tolist()
+
+
+# --- backends (each runs in a subprocess: python -m nemolite.bench BACKEND WORKLOAD CHECKPOINT ARGS_JSON) ---
+
+def run_nemolite(workload: Workload, path: Path, options: dict) -> dict:
+    from nemolite import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(path, dtype=options["dtype"], device=options.get("device"), **options.get("engine", {}))
+    load_s = time.perf_counter() - started
+    params = SamplingParams(temperature=0, max_tokens=workload.new_tokens, ignore_eos=True)
+    batch = prompts(workload, llm.config.vocab_size)
+    warmup_started = time.perf_counter()
+    llm.generate(prompt_token_ids=batch[:1], sampling_params=SamplingParams(temperature=0, max_tokens=4,
+                                                                            ignore_eos=True), use_tqdm=False)
+    warmup_s = time.perf_counter() - warmup_started
+    engine = llm.engine
+    first_token, token_times = {}, {}
+    started = time.perf_counter()
+    ids = [engine.add_request(None, None, p, params) for p in batch]
+    done = 0
+    while done < len(ids):
+        outputs = engine.step()
+        now = time.perf_counter() - started
+        for output in outputs:
+            count = len(output.outputs[0].token_ids)
+            first_token.setdefault(output.request_id, now)
+            token_times.setdefault(output.request_id, []).append((count, now))
+            done += output.finished
+    elapsed = time.perf_counter() - started
+    return _result(workload, elapsed, first_token, token_times, load_s, warmup_s, engine.stats())
+
+
+def run_transformers(workload: Workload, path: Path, options: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.bfloat16}[options["dtype"]]
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    load_s = time.perf_counter() - started
+    batch = torch.tensor(prompts(workload, model.config.vocab_size))
+    with torch.inference_mode():
+        model.generate(batch[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        started = time.perf_counter()
+        model.generate(batch, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+        ttft = time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(batch, max_new_tokens=workload.new_tokens, min_new_tokens=workload.new_tokens,
+                             do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - started
+    generated = (out.shape[1] - workload.prompt_len) * workload.batch_size
+    return {"tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed, "ttft_s": ttft,
+            "itl_s": (elapsed - ttft) / max(1, workload.new_tokens - 1), "load_s": load_s,
+            "steps_per_s": (out.shape[1] - workload.prompt_len) / elapsed, "peak_rss_gb": _peak_rss_gb()}
+
+
+def _result(workload, elapsed, first_token, token_times, load_s, warmup_s, stats) -> dict:
+    generated = sum(times[-1][0] for times in token_times.values())
+    gaps = []
+    for times in token_times.values():
+        for (count_a, time_a), (count_b, time_b) in zip(times, times[1:]):
+            if count_b > count_a:
+                gaps.append((time_b - time_a) / (count_b - count_a))
+    return {"tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
+            "ttft_s": statistics.median(first_token.values()), "itl_s": statistics.median(gaps) if gaps else None,
+            "steps_per_s": workload.new_tokens / elapsed, "load_s": load_s, "warmup_s": warmup_s,
+            "peak_rss_gb": _peak_rss_gb(), "engine": stats}
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+BACKENDS = {"nemolite": run_nemolite, "transformers": run_transformers}
+
+
+def run_in_subprocess(backend: str, workload: Workload, path: Path, options: dict) -> dict | None:
+    command = [sys.executable, "-m", "nemolite.bench", backend, workload.name, str(path), json.dumps(options)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"{backend} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench(workload_names: list[str], path: Path | None, backends: list[str], options: dict) -> list[dict]:
+    path = path or make_bench_checkpoint(default_checkpoint())
+    read_per_step = weight_bytes(path)
+    rows = []
+    for name in workload_names:
+        workload = WORKLOADS[name]
+        print(f"\n== {workload.name}: {workload.description} ({read_per_step / 1e6:.0f} MB of weights per step)")
+        results = {backend: run_in_subprocess(backend, workload, path, options) for backend in backends}
+        for backend, result in results.items():
+            if result is None:
+                continue
+            gbps = result["steps_per_s"] * read_per_step / 1e9
+            itl = f"{result['itl_s'] * 1e3:7.1f} ms" if result.get("itl_s") else "      -"
+            print(f"{backend:>13}: {result['tokens_per_s']:8.1f} tok/s  {gbps:6.1f} GB/s  "
+                  f"TTFT {result['ttft_s'] * 1e3:7.1f} ms  ITL {itl}  peak RSS {result['peak_rss_gb']:.2f} GB")
+            rows.append({"workload": name, "backend": backend, "gb_per_s": gbps, **result})
+        base = results.get("nemolite")
+        for backend, result in results.items():
+            if backend != "nemolite" and base and result:
+                print(f"{'':>13}  nemolite / {backend}: {base['tokens_per_s'] / result['tokens_per_s']:.2f} x")
+    return rows
+
+
+if __name__ == "__main__":
+    backend_name, workload_name, checkpoint, options_json = sys.argv[1:5]
+    outcome = BACKENDS[backend_name](WORKLOADS[workload_name], Path(checkpoint), json.loads(options_json))
+    print(json.dumps(outcome))
