@@ -58,7 +58,9 @@ class BlockManager:
         hashes: list[int] = []
         parent = None
         # The block holding the last token is always recomputed: the model must see that token.
-        for start in range(0, (len(tokens) - 1) // size * size, size) if self.enable_prefix_caching else ():
+        # Prompt logprobs need every prompt position computed, so such requests take no cached blocks.
+        use_cache = self.enable_prefix_caching and seq.params.prompt_logprobs is None
+        for start in range(0, (len(tokens) - 1) // size * size, size) if use_cache else ():
             chunk = tuple(tokens[start:start + size])
             parent = block_hash(parent, chunk)
             block_id = self.hash_to_block.get(parent)

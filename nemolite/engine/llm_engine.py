@@ -16,7 +16,7 @@ from nemolite.engine.block_manager import BlockManager
 from nemolite.engine.kv_cache import PagedKVCache
 from nemolite.engine.outputs import CompletionOutput, RequestOutput
 from nemolite.engine.runner import ModelRunner
-from nemolite.engine.sampler import apply_penalties, make_generator, sample
+from nemolite.engine.sampler import apply_penalties, logprob_entry, make_generator, sample
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.engine.scheduler import Scheduler
 from nemolite.engine.sequence import Sequence
@@ -32,6 +32,7 @@ class EngineArgs:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    compile: bool = False  # torch.compile the decode step (minutes of compiling, then faster steps)
 
 
 @dataclasses.dataclass(slots=True)
@@ -43,8 +44,12 @@ class Request:
 
     def output(self, final: bool) -> RequestOutput:
         """A snapshot the caller may keep while the engine goes on."""
+        prompt_logprobs = self.seqs[0].prompt_logprobs
+        if prompt_logprobs is None and self.seqs[0].params.prompt_logprobs is not None and len(self.prompt_token_ids) == 1:
+            prompt_logprobs = [None]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [_snapshot(seq) for seq in self.seqs], finished=final)
+                             [_snapshot(seq) for seq in self.seqs], finished=final,
+                             prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs))
 
     @property
     def finished(self) -> bool:
@@ -64,7 +69,7 @@ class LLMEngine:
         self.cache = PagedKVCache(self.config, num_blocks, args.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, self.device)
+        self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
@@ -140,7 +145,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return [request.output(True) for request in self._pop_finished()]
-        logits, samplers = self.runner.execute(batch)
+        step = self.runner.execute(batch)
+        logits, samplers = step.sample_logits, step.samplers
+        self._score_prompts(step)
         for seq, num_tokens in batch:
             self.block_manager.mark_computed(seq, num_tokens)
             if seq.num_output_tokens == 0:
@@ -158,6 +165,22 @@ class LLMEngine:
         outputs = [request.output(request.finished) for request in moved.values()]
         self._pop_finished()
         return outputs
+
+    def _score_prompts(self, step) -> None:
+        """Prompt logprobs: the row at position p scores prompt token p + 1."""
+        row = 0
+        logprobs = step.prompt_logits.log_softmax(-1) if step.prompt_ranges else None
+        for seq, first, count in step.prompt_ranges:
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None]
+            for position in range(first, first + count):
+                if len(seq.prompt_logprobs) == position + 1:  # not scored yet (a preempted prompt is recomputed)
+                    token = seq.prompt_token_ids[position + 1]
+                    entry = logprob_entry(logprobs[row], token, seq.params.prompt_logprobs)
+                    for token_id, value in entry.items():
+                        value.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+                    seq.prompt_logprobs.append(entry)
+                row += 1
 
     def _banned(self, seq: Sequence) -> list[int] | None:
         if seq.num_output_tokens >= seq.params.min_tokens:

@@ -33,3 +33,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then {token_id: Logprob}.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

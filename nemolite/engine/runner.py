@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from nemolite.engine.kv_cache import AttentionMetadata, PagedKVCache, PrefillSegment
@@ -10,11 +12,24 @@ from nemolite.engine.sequence import Sequence
 from nemolite.model import CausalLM
 
 
+@dataclasses.dataclass(slots=True)
+class StepLogits:
+    sample_logits: torch.Tensor  # [S, V] one row per sequence that samples its next token now
+    samplers: list[Sequence]
+    prompt_logits: torch.Tensor  # [P, V] rows for prompt positions, in the order of prompt_ranges
+    prompt_ranges: list[tuple[Sequence, int, int]]  # (sequence, first prompt position, number of rows)
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device, compile: bool = False):
         self.model = model
         self.cache = cache
         self.device = device
+        self.decoder = None
+        if compile:
+            from nemolite.engine.compiled import CompiledDecoder
+
+            self.decoder = CompiledDecoder(model)
 
     def block_slots(self, block_table: list[int], length: int) -> torch.Tensor:
         """[length] cache slots of positions 0..length-1 of a sequence."""
@@ -23,8 +38,11 @@ class ModelRunner:
         return (table[:, None] * size + torch.arange(size)).flatten()[:length]
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Compute K/V for the batch's tokens; logits [S, V] fp32 for the S sequences that sample now."""
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
+        """Compute K/V for the batch's tokens; fp32 logits for the sequences that sample now, and for
+        the prompt positions of sequences that asked for prompt logprobs."""
+        if self.decoder is not None and all(num_tokens == 1 for _, num_tokens in batch):
+            return self._execute_compiled([seq for seq, _ in batch])
         batch = sorted(batch, key=lambda item: item[1] > 1)  # decodes (one token) first
         size = self.cache.block_size
         token_ids: list[int] = []
@@ -34,6 +52,8 @@ class ModelRunner:
         samplers: list[Sequence] = []
         segments: list[PrefillSegment] = []
         decode_seqs: list[Sequence] = []
+        prompt_ranges: list[tuple[Sequence, int, int]] = []  # (seq, first position, count)
+        prompt_indices: list[int] = []
         for seq, num_tokens in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
             offset = len(token_ids)
@@ -48,6 +68,11 @@ class ModelRunner:
             if end == len(seq):  # all its tokens will be in the cache: it samples the next one
                 logits_indices.append(offset + num_tokens - 1)
                 samplers.append(seq)
+            # Positions whose next token is a prompt token, for prompt logprobs.
+            scored_end = min(end, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs is not None and scored_end > start:
+                prompt_ranges.append((seq, start, scored_end - start))
+                prompt_indices += range(offset, offset + scored_end - start)
         decode_slots = decode_mask = None
         if decode_seqs:
             lengths = torch.tensor([seq.num_computed_tokens + 1 for seq in decode_seqs])
@@ -64,7 +89,30 @@ class ModelRunner:
         try:
             logits = self.model(torch.tensor([token_ids], device=self.device),
                                 torch.tensor([positions], device=self.device), cache=self.cache,
-                                logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device))
+                                logits_indices=torch.tensor(logits_indices + prompt_indices, dtype=torch.long,
+                                                            device=self.device))
         finally:
             self.cache.metadata = None
-        return logits[0].float(), samplers
+        logits = logits[0].float()
+        return StepLogits(logits[:len(samplers)], samplers, logits[len(samplers):], prompt_ranges)
+
+    def _execute_compiled(self, seqs: list[Sequence]) -> StepLogits:
+        size, device = self.cache.block_size, self.device
+        lengths = torch.tensor([seq.num_computed_tokens for seq in seqs])  # positions before the new token
+        context = max(1, int(lengths.max()))
+        blocks = -(-context // size)
+        tables = torch.tensor([seq.block_table[:blocks] + [0] * (blocks - min(blocks, len(seq.block_table)))
+                               for seq in seqs], dtype=torch.long)
+        slots = (tables[:, :, None] * size + torch.arange(size)).flatten(1)[:, :context]
+        mask = torch.arange(context)[None, :] < lengths[:, None]
+        new_slots = slots.new_tensor([seq.block_table[n // size] * size + n % size
+                                      for seq, n in zip(seqs, lengths.tolist())])
+        input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=device)
+        logits, new_keys, new_values = self.decoder(input_ids, lengths.to(device), slots.to(device), mask.to(device),
+                                                    self.cache.keys, self.cache.values)
+        new_slots = new_slots.to(device)
+        for layer, keys in new_keys.items():
+            self.cache.keys[layer].index_copy_(0, new_slots, keys)
+            self.cache.values[layer].index_copy_(0, new_slots, new_values[layer])
+        empty = logits.new_zeros(0, logits.shape[-1])
+        return StepLogits(logits, seqs, empty, [])

@@ -87,17 +87,19 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
             race[index].exponential_(generator=generators[row])
         tokens[rows] = (probs / race).argmax(-1)
     results = []
-    token_list = tokens.tolist()
-    for row, token in enumerate(token_list):
-        token_logprob = float(logprobs[row, token])
-        top = None
+    for row, token in enumerate(tokens.tolist()):
         wanted = params[row].logprobs
-        if wanted is not None:
-            rank = int((logprobs[row] > logprobs[row, token]).sum()) + 1
-            top = {token: Logprob(token_logprob, rank=rank)}
-            if wanted > 0:
-                values, ids = logprobs[row].topk(wanted)
-                for rank, (value, token_id) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
-                    top.setdefault(token_id, Logprob(value, rank=rank))
-        results.append((token, token_logprob, top))
+        top = None if wanted is None else logprob_entry(logprobs[row], token, wanted)
+        results.append((token, float(logprobs[row, token]), top))
     return results
+
+
+def logprob_entry(logprobs: torch.Tensor, token: int, top_n: int) -> dict[int, Logprob]:
+    """{token: its Logprob with rank} plus the ``top_n`` most likely tokens, from one row [V] of logprobs."""
+    value = logprobs[token]
+    entry = {token: Logprob(float(value), rank=int((logprobs > value).sum()) + 1)}
+    if top_n > 0:
+        values, ids = logprobs.topk(top_n)
+        for rank, (top_value, token_id) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            entry.setdefault(token_id, Logprob(top_value, rank=rank))
+    return entry

@@ -25,6 +25,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token, besides the sampled one
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (OpenAI echo)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -57,8 +58,10 @@ class SamplingParams:
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be a list of non-negative integers")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
-        need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-             f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20),
+                 f"{name} must be an integer in [0, 20], got {value!r}")
 
     @property
     def greedy(self) -> bool:

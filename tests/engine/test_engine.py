@@ -95,3 +95,23 @@ def test_async_stream_and_abort(nemotron_dir):
             "the model returns", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
     finally:
         engine.shutdown()
+
+
+def test_prompt_logprobs_match_transformers(nemotron_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = "each line ends with a newline character and the string holds one or more words"
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, max_num_batched_tokens=7, block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+    llm.generate(prompt, SamplingParams(max_tokens=2))  # a cached prefix must not skip any scored position
+    [result, _] = llm.generate([prompt, "python"], params, use_tqdm=False)
+    ids = result.prompt_token_ids
+    reference = AutoModelForCausalLM.from_pretrained(nemotron_dir, dtype=torch.float32)
+    expected = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert len(result.prompt_logprobs) == len(ids) and result.prompt_logprobs[0] is None
+    for position, entry in enumerate(result.prompt_logprobs[1:]):
+        token = ids[position + 1]
+        assert abs(entry[token].logprob - expected[position, token].item()) <= 1e-4
+        assert entry[token].rank == int((expected[position] > expected[position, token]).sum()) + 1
+        assert len(entry) >= 2
