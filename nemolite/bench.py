@@ -42,7 +42,9 @@ WORKLOADS = {w.name: w for w in (
     Workload("decode-1", 1, 32, 128, "batch-1 greedy decode, 32-token prompt, 128 new tokens"),
     Workload("batch-16", 16, 32, 128, "16 concurrent requests x 128 new tokens"),
     Workload("batch-64", 64, 32, 64, "64 concurrent requests x 64 new tokens"),
+    Workload("prefix-1000", 1, 1000, 1, "time to first token of a request whose 1,000-token prefix is cached"),
 )}
+SOLO_WORKLOADS = {"prefix-1000"}  # measure nemolite against itself (no peer has a prefix cache here)
 
 
 def default_checkpoint() -> Path:
@@ -101,8 +103,9 @@ def run_nemolite(workload: Workload, path: Path, options: dict) -> dict:
     params = SamplingParams(temperature=0, max_tokens=workload.new_tokens, ignore_eos=True)
     batch = prompts(workload, llm.config.vocab_size)
     warmup_started = time.perf_counter()
-    llm.generate(prompt_token_ids=batch[:1], sampling_params=SamplingParams(temperature=0, max_tokens=4,
-                                                                            ignore_eos=True), use_tqdm=False)
+    # The same batch shape once, briefly: compiles the decode graph for this batch size outside the timing.
+    llm.generate(prompt_token_ids=[[t + 1 for t in p] for p in batch],
+                 sampling_params=SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     warmup_s = time.perf_counter() - warmup_started
     engine = llm.engine
     first_token, token_times = {}, {}
@@ -118,7 +121,28 @@ def run_nemolite(workload: Workload, path: Path, options: dict) -> dict:
             token_times.setdefault(output.request_id, []).append((count, now))
             done += output.finished
     elapsed = time.perf_counter() - started
-    return _result(workload, elapsed, first_token, token_times, load_s, warmup_s, engine.stats())
+    decoder = engine.runner.decoder
+    compile_s = decoder.compile_seconds if decoder is not None else 0.0
+    return _result(workload, elapsed, first_token, token_times, load_s, warmup_s, engine.stats()) | {
+        "compile_s": compile_s}
+
+
+def run_prefix(workload: Workload, path: Path, options: dict) -> dict:
+    """TTFT of a 1,000-token prompt cold, then of another one sharing its first 1,000 tokens."""
+    from nemolite import LLM, SamplingParams
+
+    llm = LLM(path, dtype=options["dtype"], device=options.get("device"), **options.get("engine", {}))
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prefix = prompts(workload, llm.config.vocab_size)[0]
+    llm.generate(prompt_token_ids=[[5] * 64], sampling_params=params, use_tqdm=False)  # warm-up
+    times = []
+    for suffix in ([11] * 16, [12] * 16):
+        started = time.perf_counter()
+        llm.generate(prompt_token_ids=[prefix + suffix], sampling_params=params, use_tqdm=False)
+        times.append(time.perf_counter() - started)
+    return {"tokens": 2, "seconds": sum(times), "tokens_per_s": 2 / sum(times), "ttft_s": times[1],
+            "cold_ttft_s": times[0], "speedup": times[0] / times[1], "itl_s": None, "steps_per_s": 0.0,
+            "peak_rss_gb": _peak_rss_gb(), "engine": llm.engine.stats()}
 
 
 def run_transformers(workload: Workload, path: Path, options: dict) -> dict:
@@ -161,7 +185,7 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-BACKENDS = {"nemolite": run_nemolite, "transformers": run_transformers}
+BACKENDS = {"nemolite": run_nemolite, "transformers": run_transformers, "nemolite-prefix": run_prefix}
 
 
 def run_in_subprocess(backend: str, workload: Workload, path: Path, options: dict) -> dict | None:
@@ -180,14 +204,23 @@ def bench(workload_names: list[str], path: Path | None, backends: list[str], opt
     for name in workload_names:
         workload = WORKLOADS[name]
         print(f"\n== {workload.name}: {workload.description} ({read_per_step / 1e6:.0f} MB of weights per step)")
+        if name in SOLO_WORKLOADS:
+            result = run_in_subprocess("nemolite-prefix", workload, path, options)
+            if result:
+                print(f"     nemolite: TTFT cold {result['cold_ttft_s'] * 1e3:.1f} ms, with the prefix cached "
+                      f"{result['ttft_s'] * 1e3:.1f} ms: {result['speedup']:.1f} x lower "
+                      f"(hit rate {result['engine']['prefix_cache_hit_rate']:.2f})")
+                rows.append({"workload": name, "backend": "nemolite", **result})
+            continue
         results = {backend: run_in_subprocess(backend, workload, path, options) for backend in backends}
         for backend, result in results.items():
             if result is None:
                 continue
             gbps = result["steps_per_s"] * read_per_step / 1e9
             itl = f"{result['itl_s'] * 1e3:7.1f} ms" if result.get("itl_s") else "      -"
+            compiled = f"  (compile {result['compile_s']:.0f} s, not timed)" if result.get("compile_s") else ""
             print(f"{backend:>13}: {result['tokens_per_s']:8.1f} tok/s  {gbps:6.1f} GB/s  "
-                  f"TTFT {result['ttft_s'] * 1e3:7.1f} ms  ITL {itl}  peak RSS {result['peak_rss_gb']:.2f} GB")
+                  f"TTFT {result['ttft_s'] * 1e3:7.1f} ms  ITL {itl}  peak RSS {result['peak_rss_gb']:.2f} GB{compiled}")
             rows.append({"workload": name, "backend": backend, "gb_per_s": gbps, **result})
         base = results.get("nemolite")
         for backend, result in results.items():

@@ -16,7 +16,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--kv-cache-gb", type=float, default=None,
-                        help="KV cache size (default: room for --max-num-seqs full contexts, at most 25%% of free memory)")
+                        help="KV cache size (default: room for --max-num-seqs full contexts, at most 25%% of free memory and 2 GB on CPU)")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     engine.add_argument("--max-num-batched-tokens", type=int, default=512,

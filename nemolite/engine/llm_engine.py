@@ -25,9 +25,12 @@ from nemolite.model import CausalLM
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
+DEFAULT_CPU_KV_BYTES = 2e9  # the CPU default, as vLLM's VLLM_CPU_KVCACHE_SPACE; --kv-cache-gb overrides it
+
+
 @dataclasses.dataclass(slots=True)
 class EngineArgs:
-    kv_cache_gb: float | None = None  # None: enough for max_num_seqs full contexts, at most 25% of free memory
+    kv_cache_gb: float | None = None  # None: room for max_num_seqs full contexts, within DEFAULT_KV_LIMIT
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -84,7 +87,8 @@ class LLMEngine:
             budget = args.kv_cache_gb * 1e9
         else:
             wanted = args.max_num_seqs * self.config.max_position_embeddings * per_block / args.block_size
-            budget = min(wanted, 0.25 * _free_memory(self.device))
+            budget = min(wanted, 0.25 * _free_memory(self.device),
+                         float("inf") if self.device.type == "cuda" else DEFAULT_CPU_KV_BYTES)
         num_blocks = int(budget // per_block)
         if num_blocks < 1:
             raise NemoliteError(f"a KV cache of {budget / 1e9:.3f} GB holds no block of {per_block} bytes; "

@@ -129,12 +129,31 @@ def expand_kv(kv: torch.Tensor, num_heads: int) -> torch.Tensor:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, T, hd], k/v [B, G, S, hd]; without a mask the last T of S keys are the queries' own."""
+    if q.shape[2] == 1:
+        return single_query_attention(q, k, v, mask)
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     if mask is None and q.shape[2] > 1:
         if q.shape[2] == k.shape[2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         mask = offset_causal_mask(q.shape[2], k.shape[2], q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """Decode: q [B, H, 1, hd] over k/v [B, G, S, hd], mask [B, 1, 1, S] or None -> [B, H, 1, hd].
+
+    Two small batched matmuls with the query heads of a group side by side: no KV copy per
+    query head, and far cheaper than a flash-attention kernel for one query.
+    """
+    batch, heads, _, head_dim = q.shape
+    groups = k.shape[1]
+    grouped = q.reshape(batch, groups, heads // groups, head_dim)
+    scores = torch.matmul(grouped, k.transpose(2, 3)) * head_dim ** -0.5  # [B, G, H/G, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(batch, 1, 1, -1), float("-inf"))
+    weights = scores.float().softmax(-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(batch, heads, 1, head_dim)
 
 
 def offset_causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
