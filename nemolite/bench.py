@@ -150,9 +150,10 @@ def run_transformers(workload: Workload, path: Path, options: dict) -> dict:
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "auto": torch.bfloat16}[options["dtype"]]
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    device = torch.device(options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     load_s = time.perf_counter() - started
-    batch = torch.tensor(prompts(workload, model.config.vocab_size))
+    batch = torch.tensor(prompts(workload, model.config.vocab_size), device=device)
     with torch.inference_mode():
         model.generate(batch[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
         started = time.perf_counter()
@@ -161,6 +162,7 @@ def run_transformers(workload: Workload, path: Path, options: dict) -> dict:
         started = time.perf_counter()
         out = model.generate(batch, max_new_tokens=workload.new_tokens, min_new_tokens=workload.new_tokens,
                              do_sample=False, pad_token_id=0)
+        _synchronize(device)
         elapsed = time.perf_counter() - started
     generated = (out.shape[1] - workload.prompt_len) * workload.batch_size
     return {"tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed, "ttft_s": ttft,
@@ -179,6 +181,11 @@ def _result(workload, elapsed, first_token, token_times, load_s, warmup_s, stats
             "ttft_s": statistics.median(first_token.values()), "itl_s": statistics.median(gaps) if gaps else None,
             "steps_per_s": workload.new_tokens / elapsed, "load_s": load_s, "warmup_s": warmup_s,
             "peak_rss_gb": _peak_rss_gb(), "engine": stats}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _peak_rss_gb() -> float:

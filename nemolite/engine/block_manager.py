@@ -34,6 +34,7 @@ class BlockManager:
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
+        self.handed_out: list[int] = []  # blocks given out since the engine last cleared them
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
 
@@ -124,6 +125,7 @@ class BlockManager:
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
         block.hash, block.token_ids, block.ref_count = None, (), 1
+        self.handed_out.append(block_id)
         return block_id
 
     @property

@@ -40,16 +40,27 @@ class PagedKVCache:
         self.block_size = block_size
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
+        # Left uninitialised: pages are touched (and count towards RSS) only when a block is first
+        # handed out and zeroed, so a large budget costs memory only as it is used.
         for spec in config.layers:
             shape = (num_blocks * block_size, spec.num_kv_heads, config.head_dim)
-            self.keys.append(torch.zeros(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
-            self.values.append(torch.zeros(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
+            self.keys.append(torch.empty(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
+            self.values.append(torch.empty(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
         self.metadata: AttentionMetadata | None = None
+        self.keys_device = torch.device(device)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * block_size * config.head_dim * element * sum(s.num_kv_heads for s in config.layers if s.has_kv_cache)
+
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        """Blocks handed out anew hold stale or uninitialised memory; padded reads of their unused
+        slots must see finite values (a masked NaN still poisons ``0 * value``)."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.keys_device)
+        for cache in self.keys + self.values:
+            if cache is not None:
+                cache.view(self.num_blocks, self.block_size, *cache.shape[1:]).index_fill_(0, index, 0)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)

@@ -147,6 +147,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; the outputs of every request that moved (finished ones leave)."""
         batch = self.scheduler.schedule()
+        if self.block_manager.handed_out:
+            self.cache.zero_blocks(self.block_manager.handed_out)
+            self.block_manager.handed_out.clear()
         if not batch:
             return [request.output(True) for request in self._pop_finished()]
         step = self.runner.execute(batch)

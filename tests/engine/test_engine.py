@@ -115,3 +115,12 @@ def test_prompt_logprobs_match_transformers(nemotron_dir):
         assert abs(entry[token].logprob - expected[position, token].item()) <= 1e-4
         assert entry[token].rank == int((expected[position] > expected[position, token]).sum()) + 1
         assert len(entry) >= 2
+
+
+def test_stale_cache_memory_never_leaks_into_outputs(nemotron_dir, alone):
+    """The cache is allocated uninitialised; blocks are zeroed when handed out."""
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, block_size=4, kv_cache_gb=40 * 2048 / 1e9)
+    for cache in llm.engine.cache.keys + llm.engine.cache.values:
+        cache.fill_(float("nan"))
+    outputs = llm.generate(PROMPTS, [params_for(i) for i in range(len(PROMPTS))], use_tqdm=False)
+    assert token_ids(outputs) == alone
