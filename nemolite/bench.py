@@ -145,6 +145,32 @@ def run_prefix(workload: Workload, path: Path, options: dict) -> dict:
             "peak_rss_gb": _peak_rss_gb(), "engine": llm.engine.stats()}
 
 
+def run_llama_cpp(workload: Workload, path: Path, options: dict) -> dict:
+    """llama.cpp through llama-cpp-python on a GGUF of the same checkpoint (batch 1 only)."""
+    import llama_cpp
+
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(options["gguf"], n_ctx=workload.prompt_len + workload.new_tokens + 16,
+                          n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+    load_s = time.perf_counter() - started
+    prompt = prompts(workload, llm.n_vocab())[0]
+
+    def run(new_tokens: int) -> tuple[float, float]:
+        llm.reset()
+        begin = time.perf_counter()
+        llm.eval(prompt)
+        first = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([llm.sample(temp=0.0)])
+        return first - begin, time.perf_counter() - first
+
+    run(8)
+    ttft, decode = run(workload.new_tokens)
+    return {"tokens": workload.new_tokens, "seconds": ttft + decode, "tokens_per_s": workload.new_tokens / decode,
+            "ttft_s": ttft, "itl_s": decode / workload.new_tokens, "steps_per_s": workload.new_tokens / decode,
+            "load_s": load_s, "peak_rss_gb": _peak_rss_gb()}
+
+
 def run_transformers(workload: Workload, path: Path, options: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -192,7 +218,8 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-BACKENDS = {"nemolite": run_nemolite, "transformers": run_transformers, "nemolite-prefix": run_prefix}
+BACKENDS = {"nemolite": run_nemolite, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
+            "nemolite-prefix": run_prefix}
 
 
 def run_in_subprocess(backend: str, workload: Workload, path: Path, options: dict) -> dict | None:
@@ -219,7 +246,8 @@ def bench(workload_names: list[str], path: Path | None, backends: list[str], opt
                       f"(hit rate {result['engine']['prefix_cache_hit_rate']:.2f})")
                 rows.append({"workload": name, "backend": "nemolite", **result})
             continue
-        results = {backend: run_in_subprocess(backend, workload, path, options) for backend in backends}
+        chosen = [b for b in backends if b != "llama.cpp" or (workload.batch_size == 1 and options.get("gguf"))]
+        results = {backend: run_in_subprocess(backend, workload, path, options) for backend in chosen}
         for backend, result in results.items():
             if result is None:
                 continue

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workload", action="append", choices=sorted(WORKLOADS), default=None,
                        help="repeatable (default: all)")
     bench.add_argument("--model", default=None, help="checkpoint directory (default: the benchmark checkpoint)")
-    bench.add_argument("--backends", default="nemolite,transformers", help="comma-separated: nemolite, transformers")
+    bench.add_argument("--backends", default="nemolite,transformers,llama.cpp",
+                       help="comma-separated: nemolite, transformers, llama.cpp (needs llama-cpp-python and --gguf)")
+    bench.add_argument("--gguf", default=None, help="GGUF of the same checkpoint, for the llama.cpp backend")
     bench.add_argument("--json", default=None, help="also write the results to this file")
     _add_model_options(bench)
     bench.set_defaults(dtype="bfloat16", compile=True)
@@ -148,7 +150,7 @@ def run_bench(args) -> int:
 
     from nemolite.bench import WORKLOADS, bench
 
-    options = {"dtype": args.dtype, "device": args.device, "engine": engine_options(args)}
+    options = {"dtype": args.dtype, "device": args.device, "engine": engine_options(args), "gguf": args.gguf}
     rows = bench(args.workload or list(WORKLOADS), Path(args.model) if args.model else None,
                  [b.strip() for b in args.backends.split(",") if b.strip()], options)
     if args.json:

@@ -60,6 +60,10 @@ class CompiledDecoder:
         inductor_config.freezing = True  # parameters become constants: weights prepacked once
         inductor_config.cpp_wrapper = model.lm_head.weight.device.type == "cpu"
         self.model = model
+        if model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.bfloat16:
+            from nemolite.model import cpu_kernels
+
+            cpu_kernels.enable()  # batch-1 decode reads weights with the bf16 GEMV kernel
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True)
         self.compiled_buckets: set[int] = set()
         self.compile_seconds = 0.0

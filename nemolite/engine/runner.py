@@ -37,6 +37,17 @@ class ModelRunner:
         table = torch.tensor(block_table[:-(-length // size)], dtype=torch.long)
         return (table[:, None] * size + torch.arange(size)).flatten()[:length]
 
+    def context_slots(self, seqs: list[Sequence], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S] cache slots of each sequence's first ``lengths[i]`` positions (S = the longest, at least
+        1), padded with slot 0, and the [B, S] mask of the real ones."""
+        size = self.cache.block_size
+        longest = max(1, max(lengths))
+        blocks = -(-longest // size)
+        tables = torch.tensor([seq.block_table[:blocks] + [0] * (blocks - min(blocks, len(seq.block_table)))
+                               for seq in seqs], dtype=torch.long)
+        slots = (tables[:, :, None] * size + torch.arange(size)).flatten(1)[:, :longest]
+        return slots, torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         """Compute K/V for the batch's tokens; fp32 logits for the sequences that sample now, and for
@@ -75,13 +86,8 @@ class ModelRunner:
                 prompt_indices += range(offset, offset + scored_end - start)
         decode_slots = decode_mask = None
         if decode_seqs:
-            lengths = torch.tensor([seq.num_computed_tokens + 1 for seq in decode_seqs])
-            longest = int(lengths.max())
-            blocks = -(-longest // size)
-            tables = torch.tensor([seq.block_table[:blocks] + [0] * (blocks - min(blocks, len(seq.block_table)))
-                                   for seq in decode_seqs], dtype=torch.long)
-            decode_slots = (tables[:, :, None] * size + torch.arange(size)).flatten(1)[:, :longest].to(self.device)
-            decode_mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :].to(self.device)
+            decode_slots, decode_mask = self.context_slots(decode_seqs, [s.num_computed_tokens + 1 for s in decode_seqs])
+            decode_slots, decode_mask = decode_slots.to(self.device), decode_mask[:, None, None, :].to(self.device)
         self.cache.metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
             num_decode_tokens=len(decode_seqs), decode_context_slots=decode_slots, decode_mask=decode_mask,
@@ -98,18 +104,12 @@ class ModelRunner:
 
     def _execute_compiled(self, seqs: list[Sequence]) -> StepLogits:
         size, device = self.cache.block_size, self.device
-        lengths = torch.tensor([seq.num_computed_tokens for seq in seqs])  # positions before the new token
-        context = max(1, int(lengths.max()))
-        blocks = -(-context // size)
-        tables = torch.tensor([seq.block_table[:blocks] + [0] * (blocks - min(blocks, len(seq.block_table)))
-                               for seq in seqs], dtype=torch.long)
-        slots = (tables[:, :, None] * size + torch.arange(size)).flatten(1)[:, :context]
-        mask = torch.arange(context)[None, :] < lengths[:, None]
-        new_slots = slots.new_tensor([seq.block_table[n // size] * size + n % size
-                                      for seq, n in zip(seqs, lengths.tolist())])
+        lengths = [seq.num_computed_tokens for seq in seqs]  # positions before the new token
+        slots, mask = self.context_slots(seqs, lengths)
+        new_slots = slots.new_tensor([seq.block_table[n // size] * size + n % size for seq, n in zip(seqs, lengths)])
         input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=device)
-        logits, new_keys, new_values = self.decoder(input_ids, lengths.to(device), slots.to(device), mask.to(device),
-                                                    self.cache.keys, self.cache.values)
+        logits, new_keys, new_values = self.decoder(input_ids, torch.tensor(lengths, device=device), slots.to(device),
+                                                    mask.to(device), self.cache.keys, self.cache.values)
         new_slots = new_slots.to(device)
         for layer, keys in new_keys.items():
             self.cache.keys[layer].index_copy_(0, new_slots, keys)

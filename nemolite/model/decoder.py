@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nemolite.config import LayerSpec, ModelConfig
-from nemolite.model.layers import Attention, LinearReplacement, RotaryEmbedding, make_mlp, make_norm
+from nemolite.model.layers import Attention, Linear, LinearReplacement, RotaryEmbedding, make_mlp, make_norm
 
 
 class DecoderLayer(nn.Module):
@@ -59,7 +59,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

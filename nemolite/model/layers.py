@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemolite.config import LayerSpec, ModelConfig
+from nemolite.model import cpu_kernels
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same weights, same names) whose batch-1 bf16 CPU case may take the GEMV kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear(x, self.weight, self.bias)
 
 
 class LayerNorm1P(nn.Module):
@@ -102,10 +110,10 @@ class Attention(nn.Module):
         self.num_kv_heads = spec.num_kv_heads
         self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -165,8 +173,8 @@ def offset_causal_mask(num_queries: int, num_keys: int, device: torch.device) ->
 class SquaredReLUMLP(nn.Module):
     def __init__(self, config: ModelConfig, width: int):
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.up_proj = Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.down_proj = Linear(width, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(torch.relu(self.up_proj(x)).square())
@@ -175,9 +183,9 @@ class SquaredReLUMLP(nn.Module):
 class SwiGLUMLP(nn.Module):
     def __init__(self, config: ModelConfig, width: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.up_proj = Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.down_proj = Linear(width, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -189,7 +197,7 @@ class LinearReplacement(nn.Module):
     def __init__(self, hidden_size: int, name: str):
         super().__init__()
         self.name = name
-        setattr(self, name, nn.Linear(hidden_size, hidden_size, bias=False))
+        setattr(self, name, Linear(hidden_size, hidden_size, bias=False))
 
     def forward(self, x: torch.Tensor, *unused) -> torch.Tensor:
         return getattr(self, self.name)(x)

@@ -124,3 +124,11 @@ def test_stale_cache_memory_never_leaks_into_outputs(nemotron_dir, alone):
         cache.fill_(float("nan"))
     outputs = llm.generate(PROMPTS, [params_for(i) for i in range(len(PROMPTS))], use_tqdm=False)
     assert token_ids(outputs) == alone
+
+
+def test_compiled_decode_equals_eager(nemotron_dir, alone):
+    """The torch.compile'd decode step (fp32 here) gives the eager engine's tokens."""
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, compile=True)
+    outputs = llm.generate(PROMPTS[:2], [params_for(0), params_for(1)], use_tqdm=False)
+    assert token_ids(outputs) == alone[:2]
+    assert llm.engine.runner.decoder.compiled_buckets == {1, 2}
