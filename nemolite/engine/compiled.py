@@ -22,6 +22,7 @@ from nemolite.model.layers import causal_attention
 
 log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONTEXT_BUCKET = 64
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -85,8 +86,14 @@ class CompiledDecoder:
             positions = torch.cat([positions, positions.new_zeros(pad)])
             context_slots = torch.cat([context_slots, context_slots.new_zeros(pad, context_slots.shape[1])])
             context_mask = torch.cat([context_mask, context_mask.new_zeros(pad, context_mask.shape[1])])
-        torch._dynamo.mark_dynamic(context_slots, 1)
-        torch._dynamo.mark_dynamic(context_mask, 1)
+        # Context padded to a multiple of CONTEXT_BUCKET: where a backend specialises the length
+        # (CUDA does), graphs are still reused for 64 positions at a time.
+        padded = -(-context_slots.shape[1] // CONTEXT_BUCKET) * CONTEXT_BUCKET - context_slots.shape[1]
+        if padded:
+            context_slots = torch.cat([context_slots, context_slots.new_zeros(bucket, padded)], dim=1)
+            context_mask = torch.cat([context_mask, context_mask.new_zeros(bucket, padded)], dim=1)
+        torch._dynamo.maybe_mark_dynamic(context_slots, 1)
+        torch._dynamo.maybe_mark_dynamic(context_mask, 1)
         layers = [i for i, c in enumerate(key_caches) if c is not None]
         started = time.perf_counter()
         logits, new_keys, new_values = self.graph(input_ids, positions, context_slots, context_mask,
