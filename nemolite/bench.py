@@ -133,7 +133,8 @@ def run_prefix(workload: Workload, path: Path, options: dict) -> dict:
 
     llm = LLM(path, dtype=options["dtype"], device=options.get("device"), **options.get("engine", {}))
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    prefix = prompts(workload, llm.config.vocab_size)[0]
+    # 1,000 tokens, or what the model's context leaves room for beside a 16-token suffix.
+    prefix = prompts(workload, llm.config.vocab_size)[0][:llm.config.max_position_embeddings - 24]
     llm.generate(prompt_token_ids=[[5] * 64], sampling_params=params, use_tqdm=False)  # warm-up
     times = []
     for suffix in ([11] * 16, [12] * 16):
@@ -232,6 +233,7 @@ def run_in_subprocess(backend: str, workload: Workload, path: Path, options: dic
 
 
 def bench(workload_names: list[str], path: Path | None, backends: list[str], options: dict) -> list[dict]:
+    """Run and print every workload; a backend that fails gets a row with an "error"."""
     path = path or make_bench_checkpoint(default_checkpoint())
     read_per_step = weight_bytes(path)
     rows = []
@@ -240,7 +242,9 @@ def bench(workload_names: list[str], path: Path | None, backends: list[str], opt
         print(f"\n== {workload.name}: {workload.description} ({read_per_step / 1e6:.0f} MB of weights per step)")
         if name in SOLO_WORKLOADS:
             result = run_in_subprocess("nemolite-prefix", workload, path, options)
-            if result:
+            if result is None:
+                rows.append({"workload": name, "backend": "nemolite", "error": True})
+            else:
                 print(f"     nemolite: TTFT cold {result['cold_ttft_s'] * 1e3:.1f} ms, with the prefix cached "
                       f"{result['ttft_s'] * 1e3:.1f} ms: {result['speedup']:.1f} x lower "
                       f"(hit rate {result['engine']['prefix_cache_hit_rate']:.2f})")
@@ -250,6 +254,7 @@ def bench(workload_names: list[str], path: Path | None, backends: list[str], opt
         results = {backend: run_in_subprocess(backend, workload, path, options) for backend in chosen}
         for backend, result in results.items():
             if result is None:
+                rows.append({"workload": name, "backend": backend, "error": True})
                 continue
             gbps = result["steps_per_s"] * read_per_step / 1e9
             itl = f"{result['itl_s'] * 1e3:7.1f} ms" if result.get("itl_s") else "      -"

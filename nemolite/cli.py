@@ -155,7 +155,7 @@ def run_bench(args) -> int:
                  [b.strip() for b in args.backends.split(",") if b.strip()], options)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+    return 1 if any(row.get("error") for row in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
