@@ -17,6 +17,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine")
     engine.add_argument("--kv-cache-gb", type=float, default=None,
                         help="KV cache size (default: room for --max-num-seqs full contexts, at most 25%% of free memory and 2 GB on CPU)")
+    engine.add_argument("--kv-cache-fraction", type=float, default=None,
+                        help="KV cache size as a fraction of the device's free memory (instead of --kv-cache-gb)")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     engine.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -27,7 +29,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args) -> dict:
-    return {"kv_cache_gb": args.kv_cache_gb, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+    return {"kv_cache_gb": args.kv_cache_gb, "kv_cache_fraction": args.kv_cache_fraction,
+            "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": not args.no_prefix_caching,
             "compile": args.compile}
 

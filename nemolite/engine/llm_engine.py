@@ -30,7 +30,8 @@ DEFAULT_CPU_KV_BYTES = 2e9  # the CPU default, as vLLM's VLLM_CPU_KVCACHE_SPACE;
 
 @dataclasses.dataclass(slots=True)
 class EngineArgs:
-    kv_cache_gb: float | None = None  # None: room for max_num_seqs full contexts, within DEFAULT_KV_LIMIT
+    kv_cache_gb: float | None = None  # None: room for max_num_seqs full contexts, within DEFAULT_CPU_KV_BYTES
+    kv_cache_fraction: float | None = None  # or this fraction of the device's free memory
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -83,7 +84,13 @@ class LLMEngine:
         per_block = PagedKVCache.bytes_per_block(self.config, args.block_size, self.dtype)
         if per_block == 0:  # no attention layer at all: blocks cost nothing
             return args.max_num_seqs * -(-self.config.max_position_embeddings // args.block_size)
-        if args.kv_cache_gb is not None:
+        if args.kv_cache_gb is not None and args.kv_cache_fraction is not None:
+            raise NemoliteError("give --kv-cache-gb or --kv-cache-fraction, not both")
+        if args.kv_cache_fraction is not None:
+            if not 0 < args.kv_cache_fraction <= 0.95:
+                raise NemoliteError(f"--kv-cache-fraction must be in (0, 0.95], got {args.kv_cache_fraction}")
+            budget = args.kv_cache_fraction * _free_memory(self.device)
+        elif args.kv_cache_gb is not None:
             budget = args.kv_cache_gb * 1e9
         else:
             wanted = args.max_num_seqs * self.config.max_position_embeddings * per_block / args.block_size

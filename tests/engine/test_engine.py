@@ -132,3 +132,18 @@ def test_compiled_decode_equals_eager(nemotron_dir, alone):
     outputs = llm.generate(PROMPTS[:2], [params_for(0), params_for(1)], use_tqdm=False)
     assert token_ids(outputs) == alone[:2]
     assert llm.engine.runner.decoder.compiled_buckets == {1, 2}
+
+
+def test_kv_budget_flags(nemotron_dir):
+    from nemolite.errors import NemoliteError
+
+    small = LLM(nemotron_dir, dtype="float32", device=DEVICE, kv_cache_gb=2 * 8192 / 1e9)
+    assert small.engine.block_manager.num_blocks == 2  # blocks of 16 tokens x 2 layers x 2 KV heads x 16 x fp32, K and V
+    fraction = LLM(nemotron_dir, dtype="float32", device=DEVICE, kv_cache_fraction=0.001)
+    assert fraction.engine.block_manager.num_blocks > 0
+    with pytest.raises(NemoliteError, match="not both"):
+        LLM(nemotron_dir, dtype="float32", device=DEVICE, kv_cache_gb=1, kv_cache_fraction=0.1)
+    with pytest.raises(NemoliteError, match="kv-cache-fraction"):
+        LLM(nemotron_dir, dtype="float32", device=DEVICE, kv_cache_fraction=2.0)
+    with pytest.raises(NemoliteError, match="cannot hold"):
+        small.generate("the model", SamplingParams(max_tokens=100))
