@@ -53,7 +53,9 @@ class Request:
             prompt_logprobs = [None]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [_snapshot(seq) for seq in self.seqs], finished=final,
-                             prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs))
+                             prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
+                             prompt_full_logprobs=None if self.seqs[0].prompt_full_logprobs is None
+                             else list(self.seqs[0].prompt_full_logprobs))
 
     @property
     def finished(self) -> bool:
@@ -173,7 +175,9 @@ class LLMEngine:
         banned = [self._banned(seq) for seq in samplers]
         results = sample(logits, [seq.params for seq in samplers], [seq.generator for seq in samplers], banned)
         moved = {}
-        for seq, (token, logprob, top) in zip(samplers, results):
+        for seq, (token, logprob, top, full) in zip(samplers, results):
+            if full is not None:
+                seq.output.full_logprobs.append(full)
             self._append_token(seq, token, logprob, top)
             moved[seq.request_id] = self.requests[seq.request_id]
         outputs = [request.output(request.finished) for request in moved.values()]
@@ -187,6 +191,7 @@ class LLMEngine:
         for seq, first, count in step.prompt_ranges:
             if seq.prompt_logprobs is None:
                 seq.prompt_logprobs = [None]
+                seq.prompt_full_logprobs = [] if seq.params.full_logprobs else None
             for position in range(first, first + count):
                 if len(seq.prompt_logprobs) == position + 1:  # not scored yet (a preempted prompt is recomputed)
                     token = seq.prompt_token_ids[position + 1]
@@ -194,6 +199,8 @@ class LLMEngine:
                     for token_id, value in entry.items():
                         value.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
                     seq.prompt_logprobs.append(entry)
+                    if seq.prompt_full_logprobs is not None:
+                        seq.prompt_full_logprobs.append(logprobs[row].to("cpu", copy=True))
                 row += 1
 
     def _banned(self, seq: Sequence) -> list[int] | None:
@@ -257,7 +264,8 @@ def _snapshot(seq: Sequence) -> CompletionOutput:
     if output.finish_reason is None and seq.params.stop:
         text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
     return dataclasses.replace(output, text=text, token_ids=list(output.token_ids),
-                               logprobs=None if output.logprobs is None else list(output.logprobs))
+                               logprobs=None if output.logprobs is None else list(output.logprobs),
+                               full_logprobs=None if output.full_logprobs is None else list(output.full_logprobs))
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:

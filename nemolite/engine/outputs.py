@@ -19,6 +19,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None  # one {token_id: Logprob} per generated token
+    full_logprobs: list | None = None  # with SamplingParams.full_logprobs: one [V] fp32 CPU tensor per generated token
     finish_reason: str | None = None  # "stop" (EOS, stop string or stop token) or "length"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
@@ -35,3 +36,5 @@ class RequestOutput:
     finished: bool = True
     # With SamplingParams.prompt_logprobs: None for the first prompt token, then {token_id: Logprob}.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # With prompt_logprobs and full_logprobs: the [V] logprob row that scored each prompt token after the first.
+    prompt_full_logprobs: list | None = None

@@ -15,7 +15,8 @@ import torch
 from nemolite.engine.outputs import Logprob
 from nemolite.engine.sampling_params import SamplingParams
 
-SampleResult = tuple[int, float, "dict[int, Logprob] | None"]
+# (token id, its logprob, {token: Logprob} when logprobs were asked, the [V] logprob row when full_logprobs)
+SampleResult = tuple[int, float, "dict[int, Logprob] | None", "torch.Tensor | None"]
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -58,7 +59,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[torch.Generator],
            banned_ids: Rows[list[int] | None] | None = None) -> list[SampleResult]:
-    """logits [S, V] -> per row (token id, its logprob, {token: Logprob} of it and the top-N when asked).
+    """logits [S, V] -> a SampleResult per row.
 
     ``banned_ids[i]`` (EOS and stop tokens before ``min_tokens``) can never be drawn in row i.
     Logprobs are those of the model's distribution after penalties, before temperature.
@@ -90,7 +91,8 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
     for row, token in enumerate(tokens.tolist()):
         wanted = params[row].logprobs
         top = None if wanted is None else logprob_entry(logprobs[row], token, wanted)
-        results.append((token, float(logprobs[row, token]), top))
+        full = logprobs[row].to("cpu", copy=True) if params[row].full_logprobs else None
+        results.append((token, float(logprobs[row, token]), top, full))
     return results
 
 

@@ -26,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token, besides the sampled one
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (OpenAI echo)
+    full_logprobs: bool = False  # also keep the whole-vocabulary logprob row of every scored position (NeMo all_probs)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:

@@ -21,7 +21,8 @@ class Sequence:
 
     __slots__ = ("seq_id", "request_id", "index", "prompt_token_ids", "token_ids", "params", "status",
                  "block_table", "block_hashes", "num_computed_tokens", "num_cached_tokens", "generator",
-                 "output", "detokenizer", "streamed", "prompt_logprobs", "waits_for", "arrival")
+                 "output", "detokenizer", "streamed", "prompt_logprobs", "prompt_full_logprobs", "waits_for",
+                 "arrival")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, generator: torch.Generator, arrival: float):
@@ -38,10 +39,12 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache
         self.generator = generator
         self.output = CompletionOutput(index=index, text="", token_ids=[], cumulative_logprob=0.0,
-                                       logprobs=[] if params.logprobs is not None else None)
+                                       logprobs=[] if params.logprobs is not None else None,
+                                       full_logprobs=[] if params.full_logprobs else None)
         self.detokenizer = None
         self.streamed = 0  # characters of output.text already handed to the caller
         self.prompt_logprobs: list | None = None
+        self.prompt_full_logprobs: list | None = None
         self.waits_for: "Sequence | None" = None  # a sibling whose prompt blocks this one will reuse
         self.arrival = arrival
 

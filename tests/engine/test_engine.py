@@ -147,3 +147,21 @@ def test_kv_budget_flags(nemotron_dir):
         LLM(nemotron_dir, dtype="float32", device=DEVICE, kv_cache_fraction=2.0)
     with pytest.raises(NemoliteError, match="cannot hold"):
         small.generate("the model", SamplingParams(max_tokens=100))
+
+
+def test_full_vocabulary_logprobs_match_transformers(nemotron_dir):
+    """NeMo all_probs: the whole logprob row of every prompt position after the first and every new token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, max_num_batched_tokens=6)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0, full_logprobs=True)
+    [result] = llm.generate("the model returns a value", params)
+    output = result.outputs[0]
+    sequence = result.prompt_token_ids + output.token_ids
+    reference = AutoModelForCausalLM.from_pretrained(nemotron_dir, dtype=torch.float32)
+    expected = reference(torch.tensor([sequence])).logits[0].log_softmax(-1)
+    rows = result.prompt_full_logprobs + output.full_logprobs
+    assert len(rows) == len(sequence) - 1
+    assert all(row.shape == (llm.config.vocab_size,) for row in rows)
+    assert (torch.stack(rows) - expected[:-1]).abs().max().item() <= 1e-4

@@ -54,11 +54,11 @@ def test_banned_ids_are_never_drawn():
 
 
 def test_logprobs_of_sampled_and_top_tokens():
-    token, logprob, top = sample_one(SamplingParams(temperature=0, logprobs=2))
+    token, logprob, top, _ = sample_one(SamplingParams(temperature=0, logprobs=2))
     assert token == 0 and math.isclose(logprob, math.log(0.5), rel_tol=1e-5)
     assert list(top) == [0, 1] and top[0].rank == 1 and top[1].rank == 2
     assert math.isclose(top[1].logprob, math.log(0.3), rel_tol=1e-5)
-    token, _, top = sample_one(SamplingParams(temperature=0, logprobs=0), banned=[0])
+    token, _, top, _ = sample_one(SamplingParams(temperature=0, logprobs=0), banned=[0])
     assert list(top) == [token]
 
 
