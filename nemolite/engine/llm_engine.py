@@ -151,7 +151,8 @@ class LLMEngine:
                 self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Work left, or finished requests whose outputs the next step() still has to report."""
+        return bool(self.requests) or self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; the outputs of every request that moved (finished ones leave)."""
@@ -181,7 +182,8 @@ class LLMEngine:
             self._append_token(seq, token, logprob, top)
             moved[seq.request_id] = self.requests[seq.request_id]
         outputs = [request.output(request.finished) for request in moved.values()]
-        self._pop_finished()
+        # Requests that finished without a token this step (max_tokens=0) are reported once, now.
+        outputs += [request.output(True) for request in self._pop_finished() if request.request_id not in moved]
         return outputs
 
     def _score_prompts(self, step) -> None:

@@ -85,6 +85,8 @@ def test_async_stream_and_abort(nemotron_dir):
         async for _ in stream:
             break
         await stream.aclose()  # the client went away: the request is aborted
+        async for empty in engine.generate(ids, SamplingParams(max_tokens=0)):
+            assert empty.finished and empty.outputs[0].token_ids == []
         return texts[-1]
 
     try:
@@ -165,3 +167,10 @@ def test_full_vocabulary_logprobs_match_transformers(nemotron_dir):
     assert len(rows) == len(sequence) - 1
     assert all(row.shape == (llm.config.vocab_size,) for row in rows)
     assert (torch.stack(rows) - expected[:-1]).abs().max().item() <= 1e-4
+
+
+def test_zero_max_tokens_beside_running_requests(nemotron_llm):
+    outputs = nemotron_llm.generate(["the model", "python reads"], [SamplingParams(max_tokens=5, ignore_eos=True),
+                                                                    SamplingParams(max_tokens=0)], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 0]
+    assert outputs[1].outputs[0].finish_reason == "length" and outputs[1].finished
