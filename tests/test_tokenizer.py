@@ -6,7 +6,7 @@ import pytest
 
 from nemolite.errors import NemoliteError
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer, nemotron_chat_prompt
-from tests.conftest import LLAMA31_TEMPLATE, write_hf_tokenizer, write_sentencepiece
+from tests.conftest import write_hf_tokenizer, write_sentencepiece
 
 MULTIBYTE = "café 東京 🙂 naïve ümlaut жß🚀"  # the last three are unseen: byte fallback
 

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import torch
 
-from nemolite.checkpoint import default_device
-from nemolite.engine.llm import load_model_and_tokenizer
-from nemolite.engine.llm_engine import EngineArgs, LLMEngine
+from nemolite.engine.llm_engine import LLMEngine
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 
@@ -27,10 +25,8 @@ class AsyncLLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
                  device: str | torch.device | None = None, seed: int = 0, tokenizer: str | Path | None = None,
                  **engine_args):
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model, self.tokenizer, self.model_path = load_model_and_tokenizer(model, dtype, self.device, tokenizer)
-        self.config = self.model.config
-        self.engine = LLMEngine(self.model, self.tokenizer, EngineArgs(**engine_args), seed=seed)
+        self.engine = LLMEngine.from_pretrained(model, dtype, device, seed, tokenizer, **engine_args)
+        self.tokenizer, self.config = self.engine.tokenizer, self.engine.config
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -47,7 +47,7 @@ class PagedKVCache:
             self.keys.append(torch.empty(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
             self.values.append(torch.empty(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
         self.metadata: AttentionMetadata | None = None
-        self.keys_device = torch.device(device)
+        self.device = torch.device(device)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -57,7 +57,7 @@ class PagedKVCache:
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Blocks handed out anew hold stale or uninitialised memory; padded reads of their unused
         slots must see finite values (a masked NaN still poisons ``0 * value``)."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.keys_device)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for cache in self.keys + self.values:
             if cache is not None:
                 cache.view(self.num_blocks, self.block_size, *cache.shape[1:]).index_fill_(0, index, 0)

@@ -9,38 +9,20 @@ from pathlib import Path
 
 import torch
 
-from nemolite.checkpoint import default_device, resolve_model_path
-from nemolite.checkpoint.hf import load_hf_model
-from nemolite.engine.llm_engine import EngineArgs, LLMEngine
+from nemolite.engine.llm_engine import LLMEngine
 from nemolite.engine.outputs import CompletionOutput, RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.errors import NemoliteError
-from nemolite.model import CausalLM
-from nemolite.tokenizer import Tokenizer
 
 OnText = Callable[[str], None]
-
-
-def load_model_and_tokenizer(model: str | Path | None, dtype: str | torch.dtype, device: torch.device,
-                             tokenizer: str | Path | None = None) -> tuple[CausalLM, Tokenizer, Path]:
-    path = resolve_model_path(model)
-    loaded = load_hf_model(path, dtype=dtype, device=device)
-    config = loaded.config
-    return loaded, Tokenizer.from_pretrained(tokenizer or path, model_type=config.model_type,
-                                             bos_token_id=config.bos_token_id,
-                                             eos_token_ids=config.eos_token_ids), path
 
 
 class LLM:
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
                  device: str | torch.device | None = None, seed: int = 0, tokenizer: str | Path | None = None,
                  **engine_args):
-        self.device = torch.device(device) if device is not None else default_device()
-        self.model, self.tokenizer, self.model_path = load_model_and_tokenizer(model, dtype, self.device, tokenizer)
-        self.config = self.model.config
-        self.dtype = next(self.model.parameters()).dtype
-        self.seed = seed
-        self.engine = LLMEngine(self.model, self.tokenizer, EngineArgs(**engine_args), seed=seed)
+        self.engine = LLMEngine.from_pretrained(model, dtype, device, seed, tokenizer, **engine_args)
+        self.model, self.tokenizer, self.config = self.engine.model, self.engine.tokenizer, self.engine.config
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

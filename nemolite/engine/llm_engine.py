@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
+
+from pathlib import Path
 
 import torch
 
+from nemolite.checkpoint import default_device, resolve_model_path
+from nemolite.checkpoint.hf import load_hf_model
 from nemolite.engine.block_manager import BlockManager
 from nemolite.engine.kv_cache import PagedKVCache
 from nemolite.engine.outputs import CompletionOutput, RequestOutput
@@ -82,6 +85,18 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None, dtype: str | torch.dtype = "auto",
+                        device: str | torch.device | None = None, seed: int = 0,
+                        tokenizer: str | Path | None = None, **engine_args) -> "LLMEngine":
+        """Load a checkpoint (None: the demo model) and its tokenizer; ``engine_args`` are EngineArgs fields."""
+        path = resolve_model_path(model)
+        loaded = load_hf_model(path, dtype=dtype, device=torch.device(device) if device is not None else default_device())
+        config = loaded.config
+        tokenizer_ = Tokenizer.from_pretrained(tokenizer or path, model_type=config.model_type,
+                                               bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids)
+        return cls(loaded, tokenizer_, EngineArgs(**engine_args), seed=seed)
+
     def _num_blocks(self, args: EngineArgs) -> int:
         per_block = PagedKVCache.bytes_per_block(self.config, args.block_size, self.dtype)
         if per_block == 0:  # no attention layer at all: blocks cost nothing
@@ -122,11 +137,10 @@ class LLMEngine:
         if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
             raise NemoliteError(f"the KV cache ({self.block_manager.num_blocks} blocks of {self.args.block_size} "
                                 f"tokens) cannot hold {longest} tokens; raise --kv-cache-gb or lower max_tokens")
-        now = time.monotonic()
         seqs = []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), params,
-                           make_generator(self._seed(params, index), self.device), now)
+                           make_generator(self._seed(params, index), self.device))
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             seq.waits_for = seqs[0] if seqs else None
             seqs.append(seq)

@@ -20,6 +20,11 @@ class StepLogits:
     prompt_ranges: list[tuple[Sequence, int, int]]  # (sequence, first prompt position, number of rows)
 
 
+def slot(seq: Sequence, position: int, block_size: int) -> int:
+    """The cache slot that holds the K/V of ``position`` of ``seq``."""
+    return seq.block_table[position // block_size] * block_size + position % block_size
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device, compile: bool = False):
         self.model = model
@@ -30,12 +35,6 @@ class ModelRunner:
             from nemolite.engine.compiled import CompiledDecoder
 
             self.decoder = CompiledDecoder(model)
-
-    def block_slots(self, block_table: list[int], length: int) -> torch.Tensor:
-        """[length] cache slots of positions 0..length-1 of a sequence."""
-        size = self.cache.block_size
-        table = torch.tensor(block_table[:-(-length // size)], dtype=torch.long)
-        return (table[:, None] * size + torch.arange(size)).flatten()[:length]
 
     def context_slots(self, seqs: list[Sequence], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S] cache slots of each sequence's first ``lengths[i]`` positions (S = the longest, at least
@@ -70,12 +69,12 @@ class ModelRunner:
             offset = len(token_ids)
             token_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            table = seq.block_table
-            slot_mapping += [table[p // size] * size + p % size for p in range(start, end)]
+            slot_mapping += [slot(seq, p, size) for p in range(start, end)]
             if num_tokens == 1:
                 decode_seqs.append(seq)
             else:
-                segments.append(PrefillSegment(offset, num_tokens, self.block_slots(table, end).to(self.device)))
+                context_slots = self.context_slots([seq], [end])[0][0]
+                segments.append(PrefillSegment(offset, num_tokens, context_slots.to(self.device)))
             if end == len(seq):  # all its tokens will be in the cache: it samples the next one
                 logits_indices.append(offset + num_tokens - 1)
                 samplers.append(seq)
@@ -106,7 +105,7 @@ class ModelRunner:
         size, device = self.cache.block_size, self.device
         lengths = [seq.num_computed_tokens for seq in seqs]  # positions before the new token
         slots, mask = self.context_slots(seqs, lengths)
-        new_slots = slots.new_tensor([seq.block_table[n // size] * size + n % size for seq, n in zip(seqs, lengths)])
+        new_slots = slots.new_tensor([slot(seq, n, size) for seq, n in zip(seqs, lengths)])
         input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=device)
         logits, new_keys, new_values = self.decoder(input_ids, torch.tensor(lengths, device=device), slots.to(device),
                                                     mask.to(device), self.cache.keys, self.cache.values)

@@ -21,11 +21,10 @@ class Sequence:
 
     __slots__ = ("seq_id", "request_id", "index", "prompt_token_ids", "token_ids", "params", "status",
                  "block_table", "block_hashes", "num_computed_tokens", "num_cached_tokens", "generator",
-                 "output", "detokenizer", "streamed", "prompt_logprobs", "prompt_full_logprobs", "waits_for",
-                 "arrival")
+                 "output", "detokenizer", "prompt_logprobs", "prompt_full_logprobs", "waits_for")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, generator: torch.Generator, arrival: float):
+                 params: SamplingParams, generator: torch.Generator):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index
@@ -42,11 +41,9 @@ class Sequence:
                                        logprobs=[] if params.logprobs is not None else None,
                                        full_logprobs=[] if params.full_logprobs else None)
         self.detokenizer = None
-        self.streamed = 0  # characters of output.text already handed to the caller
         self.prompt_logprobs: list | None = None
         self.prompt_full_logprobs: list | None = None
         self.waits_for: "Sequence | None" = None  # a sibling whose prompt blocks this one will reuse
-        self.arrival = arrival
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -10,7 +10,7 @@ BLOCK = 4
 
 
 def seq(tokens: list[int], seq_id: int = 0) -> Sequence:
-    return Sequence(seq_id, str(seq_id), 0, tokens, SamplingParams(), torch.Generator(), 0.0)
+    return Sequence(seq_id, str(seq_id), 0, tokens, SamplingParams(), torch.Generator())
 
 
 def compute_all(manager: BlockManager, s: Sequence) -> None:
