@@ -106,7 +106,6 @@ def run_generate(args) -> int:
     params = _sampling_params(args)
     llm = _load(model, args)
     ids = llm.tokenizer.encode(prompt, add_bos=False if args.no_bos else None)
-    llm._prompts(None, [ids])  # same validation as the API
     llm.stream(ids, params, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     sys.stdout.write("\n")
     return 0
