@@ -29,7 +29,7 @@ class AsyncLLM:
         self.tokenizer, self.config = self.engine.tokenizer, self.engine.config
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._closed = False
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="nemolite-engine", daemon=True)
@@ -40,17 +40,21 @@ class AsyncLLM:
         """Cumulative outputs of one request as it progresses; leaving early aborts the request."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
-        queue: asyncio.Queue = asyncio.Queue()
+        stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             request_id = self.engine.add_request(request_id, prompt, prompt_token_ids, params)
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            self._streams[request_id] = stream
         self._wake.set()
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                await stream.ready.wait()
+                stream.ready.clear()
+                item, stream.latest = stream.latest, None
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine stopped: {item}")
+                if item is None:
+                    continue
                 finished = item.finished
                 yield item
         finally:
@@ -66,6 +70,11 @@ class AsyncLLM:
     def stats(self) -> dict[str, float]:
         with self._lock:
             return self.engine.stats()
+
+    @property
+    def num_requests(self) -> int:
+        """Requests added and not yet finished or aborted."""
+        return len(self._streams)
 
     def shutdown(self) -> None:
         self._closed = True
@@ -92,10 +101,37 @@ class AsyncLLM:
                 self.dead = error
                 with self._lock:
                     streams, self._streams = list(self._streams.values()), {}
-                for loop, queue in streams:
-                    loop.call_soon_threadsafe(queue.put_nowait, error)
+                _deliver([(stream, error) for stream in streams])
                 return
-            for target, output in targets:
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, output)
+            _deliver([(stream, output) for stream, output in targets if stream is not None])
+
+
+class _Stream:
+    """Where the engine thread leaves a request's newest output. Outputs are cumulative, so a consumer
+    slower than the engine skips intermediate snapshots instead of queueing them."""
+
+    __slots__ = ("loop", "ready", "latest")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.ready = asyncio.Event()
+        self.latest: RequestOutput | BaseException | None = None
+
+
+def _deliver(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    """Hand one step's outputs over: one wake-up per event loop, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, item in items:
+        by_loop.setdefault(stream.loop, []).append((stream, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_publish, batch)
+        except RuntimeError:  # that loop is closed: nobody is listening any more
+            pass
+
+
+def _publish(batch: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        if not isinstance(stream.latest, BaseException):
+            stream.latest = item
+        stream.ready.set()

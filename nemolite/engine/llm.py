@@ -13,6 +13,7 @@ from nemolite.engine.llm_engine import LLMEngine
 from nemolite.engine.outputs import CompletionOutput, RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.errors import NemoliteError
+from nemolite.tokenizer import Tokenizer
 
 OnText = Callable[[str], None]
 
@@ -41,12 +42,7 @@ class LLM:
 
     def chat_params(self, sampling_params: SamplingParams | None) -> SamplingParams:
         """The caller's parameters plus the template's end-of-turn stops."""
-        params = sampling_params or SamplingParams()
-        stop_strings, stop_ids = self.tokenizer.chat_stop()
-        if not stop_strings and not stop_ids:
-            return params
-        return dataclasses.replace(params, stop=list(dict.fromkeys([*params.stop, *stop_strings])),
-                                   stop_token_ids=list(dict.fromkeys([*params.stop_token_ids, *stop_ids])))
+        return with_chat_stops(self.tokenizer, sampling_params or SamplingParams())
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams, on_text: OnText) -> CompletionOutput:
         """Generate one completion, calling ``on_text`` with each piece of new text."""
@@ -115,3 +111,12 @@ class LLM:
         if len(sampling_params) != count:
             raise NemoliteError(f"got {len(sampling_params)} SamplingParams for {count} prompts; give one or one each")
         return sampling_params
+
+
+def with_chat_stops(tokenizer: Tokenizer, params: SamplingParams) -> SamplingParams:
+    """``params`` plus the stop strings and token ids that end an assistant turn in ``tokenizer``'s chat format."""
+    stop_strings, stop_ids = tokenizer.chat_stop()
+    if not stop_strings and not stop_ids:
+        return params
+    return dataclasses.replace(params, stop=list(dict.fromkeys([*params.stop, *stop_strings])),
+                               stop_token_ids=list(dict.fromkeys([*params.stop_token_ids, *stop_ids])))

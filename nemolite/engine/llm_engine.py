@@ -146,7 +146,8 @@ class LLMEngine:
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
         for seq in seqs:
-            if params.max_tokens == 0:
+            scored = seq.index == 0 and params.prompt_logprobs is not None  # the prompt runs only to be scored
+            if params.max_tokens == 0 and not scored:
                 seq.output.finish_reason = "length"
                 self.scheduler.finish(seq)
             else:
@@ -183,12 +184,20 @@ class LLMEngine:
             self.block_manager.mark_computed(seq, num_tokens)
             if seq.num_output_tokens == 0:
                 self.num_prompt_tokens += num_tokens
+        if any(seq.params.max_tokens == 0 for seq in samplers):  # prompts run only to be scored
+            keep = [row for row, seq in enumerate(samplers) if seq.params.max_tokens != 0]
+            for seq in samplers:
+                if seq.params.max_tokens == 0:
+                    seq.output.finish_reason = "length"
+                    self.scheduler.finish(seq)
+            logits, samplers = logits[keep], [samplers[row] for row in keep]
         for row, seq in enumerate(samplers):
             params = seq.params
             if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
                 apply_penalties(logits[row], params, seq.prompt_token_ids, seq.output.token_ids)
         banned = [self._banned(seq) for seq in samplers]
-        results = sample(logits, [seq.params for seq in samplers], [seq.generator for seq in samplers], banned)
+        results = sample(logits, [seq.params for seq in samplers], [seq.generator for seq in samplers],
+                         banned) if samplers else []
         moved = {}
         for seq, (token, logprob, top, full) in zip(samplers, results):
             if full is not None:
@@ -249,7 +258,8 @@ class LLMEngine:
                 output.text += delta
                 hit = _find_stop(output.text, params.stop, searched_from)
                 if hit is not None:
-                    output.text = output.text[:hit[0]]
+                    end = hit[0] + len(hit[1]) if params.include_stop_str_in_output else hit[0]
+                    output.text = output.text[:end]
                     output.finish_reason, output.stop_reason = "stop", hit[1]
             else:
                 output.text += delta

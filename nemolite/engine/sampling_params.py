@@ -22,6 +22,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False  # keep a matched stop string at the end of the text (NeMo end_strings)
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token, besides the sampled one
