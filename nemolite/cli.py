@@ -65,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(chat)
     _add_sampling_options(chat, max_tokens=256, temperature=0.7)
 
+    serve = commands.add_parser("serve", help="serve a model over HTTP: NeMo PUT /generate, OpenAI /v1, Triton /v2",
+                                description="One server, three protocols: NeMo's PUT /generate, OpenAI's /v1 "
+                                            "(completions, chat, models) with /tokenize, and Triton's KServe v2 "
+                                            "(NemoQuery). Without MODEL the bundled demo model is served.")
+    serve.add_argument("model", nargs="?", default=None)
+    serve.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    serve.add_argument("--port", type=int, default=1424, help="TCP port (default 1424, as NVIDIA's Nemotron-4 recipe)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model's name in every protocol (default: the checkpoint directory's name)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but health (or set NEMOLITE_API_KEY)")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="requests allowed to wait beyond the running batch; more get 503 (default 1024)")
+    serve.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+    _add_model_options(serve)
+
     from nemolite.bench import WORKLOADS
 
     bench = commands.add_parser("bench", help="measure nemolite against transformers on named workloads",
@@ -160,11 +176,32 @@ def run_bench(args) -> int:
     return 1 if any(row.get("error") for row in rows) else 0
 
 
+def run_serve(args) -> int:
+    import os
+
+    from nemolite.checkpoint import resolve_model_path
+    from nemolite.engine.async_llm import AsyncLLM
+    from nemolite.server.app import DEFAULT_MAX_QUEUE, serve
+
+    path = resolve_model_path(args.model)
+    name = args.served_model_name or (path.name if args.model is not None else "nemolite-demo")
+    api_key = args.api_key or os.environ.get("NEMOLITE_API_KEY") or None
+    max_queue = DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue
+    if max_queue < 0:
+        raise NemoliteError("--max-queue must be >= 0")
+    logging.getLogger("nemolite.access").setLevel(logging.INFO)
+    log.warning("loading %s", path)
+    engine = AsyncLLM(path, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
+    log.warning("serving %r on http://%s:%d (NeMo PUT /generate, OpenAI /v1, Triton /v2)", name, args.host, args.port)
+    serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"generate": run_generate, "chat": run_chat, "bench": run_bench}
+    handlers = {"generate": run_generate, "chat": run_chat, "serve": run_serve, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except NemoliteError as error:

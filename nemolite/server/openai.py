@@ -1,0 +1,478 @@
+"""The OpenAI protocol: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, plus vLLM's
+``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (what lm-evaluation-harness probes).
+
+Request bodies are pydantic models that accept unknown fields (clients send ``user``,
+``stream_options`` ...); anything nemolite cannot honour is refused with a 400, never ignored
+silently when it would change the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from nemolite.engine.llm import with_chat_stops
+from nemolite.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from nemolite.engine.sampling_params import SamplingParams
+from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
+from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
+
+router = APIRouter()
+
+MAX_N = 128
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=100)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    min_tokens: int = Field(0, ge=0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = True
+
+
+class TokenizeRequest(_Body):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in (state.model_name, ""):
+        raise RequestError(f"the model '{model}' does not exist; this server serves '{state.model_name}'", 404)
+
+
+def _sampling_params(body: _SamplingFields, max_tokens: int | None, **extra) -> SamplingParams:
+    if body.logit_bias:
+        raise RequestError("logit_bias is not supported")
+    return engine_call(
+        SamplingParams, n=body.n, max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens or body.min_tokens),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
+        seed=body.seed, ignore_eos=body.ignore_eos, **extra)
+
+
+def _max_tokens(state: ServerState, prompt_ids: list[int], requested: int | None) -> int:
+    """The completion budget; prompts and budgets beyond the context are refused (400), as vLLM does."""
+    context = state.max_model_len
+    if not prompt_ids:
+        raise RequestError("the prompt is empty; give at least one token")
+    if len(prompt_ids) >= context:
+        raise RequestError(f"this model's maximum context length is {context} tokens, but the prompt has "
+                           f"{len(prompt_ids)}; shorten the prompt")
+    if requested is None:
+        return context - len(prompt_ids)
+    if len(prompt_ids) + requested > context:
+        raise RequestError(f"this model's maximum context length is {context} tokens; you requested "
+                           f"{len(prompt_ids) + requested} ({len(prompt_ids)} in the prompt, {requested} for the "
+                           "completion); lower max_tokens or shorten the prompt")
+    return requested
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _piece(tokenizer: Tokenizer, previous: int | None, token: int) -> str:
+    """The text ``token`` adds after ``previous`` (SentencePiece drops a leading space when decoded alone)."""
+    alone = tokenizer.decode([token], skip_special_tokens=False)
+    if previous is None:
+        return alone
+    before = tokenizer.decode([previous], skip_special_tokens=False)
+    both = tokenizer.decode([previous, token], skip_special_tokens=False)
+    return both[len(before):] if both.startswith(before) else alone
+
+
+def _top(tokenizer: Tokenizer, previous: int | None, entry: dict[int, Logprob]) -> dict[str, float]:
+    """{token text: logprob}; when two ids share a text the larger logprob stays, so the argmax is kept."""
+    top: dict[str, float] = {}
+    for token_id, value in entry.items():
+        text = _piece(tokenizer, previous, token_id)
+        top[text] = max(value.logprob, top.get(text, -float("inf")))
+    return top
+
+
+class _TextTracker:
+    """Token texts and their offsets in the running text, so that the tokens join to the text."""
+
+    def __init__(self, tokenizer: Tokenizer, start: int = 0):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, [])
+        self.offset = start
+
+    def push(self, token_id: int) -> tuple[str, int]:
+        text, offset = self.detokenizer.push(token_id), self.offset
+        self.offset += len(text)
+        return text, offset
+
+
+def _completion_logprobs(state: ServerState, prompt_ids: list[int], output: RequestOutput,
+                         completion: CompletionOutput, echo: bool, first: int = 0) -> dict:
+    """OpenAI's legacy logprobs object for positions ``first`` onward (``first`` > 0 when streaming)."""
+    tokenizer = state.tokenizer
+    ids: list[int] = []
+    entries: list[dict[int, Logprob] | None] = []
+    if echo:
+        ids += prompt_ids
+        entries += output.prompt_logprobs or [None] * len(prompt_ids)
+    ids += completion.token_ids
+    entries += completion.logprobs or []
+    tracker = _TextTracker(tokenizer)
+    result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for position, (token_id, entry) in enumerate(zip(ids, entries)):
+        text, offset = tracker.push(token_id)
+        if position < first:
+            continue
+        previous = ids[position - 1] if position else None
+        result["tokens"].append(text)
+        result["text_offset"].append(offset)
+        result["token_logprobs"].append(None if entry is None else entry[token_id].logprob)
+        result["top_logprobs"].append(None if entry is None else _top(tokenizer, previous, entry))
+    return result
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _merged(state: ServerState, jobs: list[tuple[list[int], SamplingParams, str | None]]
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the request's index; leaving early aborts all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, ids: list[int], params: SamplingParams, prompt: str | None) -> None:
+        try:
+            async for output in state.generate(ids, params, prompt):
+                queue.put_nowait((index, output))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, error))
+        finally:
+            queue.put_nowait((index, done))
+
+    tasks = [asyncio.ensure_future(pump(i, *job)) for i, job in enumerate(jobs)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once the stream has started a failure can only be told in the stream: an error event, then [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except (RequestError, Exception) as error:  # noqa: BLE001
+        message = error.message if isinstance(error, RequestError) else str(error)
+        yield _sse({"error": {"message": message, "type": "server_error", "code": 500}})
+        yield _sse("[DONE]")
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    state = state_of(request)
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                        "owned_by": "nemolite", "root": state.model_name,
+                                        "max_model_len": state.max_model_len}]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    state = state_of(request)
+    _check_model(state, model_id)
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nemolite",
+            "max_model_len": state.max_model_len}
+
+
+def _completion_prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) per prompt: a string, a list of strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise RequestError("prompt must not be empty")
+    if all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    vocab = state.config.vocab_size
+    prompts = []
+    for item in prompt:
+        if isinstance(item, str):
+            prompts.append((item, engine_call(state.tokenizer.encode, item)))
+        else:
+            if any(not 0 <= t < vocab for t in item):
+                raise RequestError(f"prompt token ids must be in [0, {vocab})")
+            prompts.append((None, list(item)))
+    return prompts
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = state_of(request)
+    _check_model(state, body.model)
+    if body.suffix:
+        raise RequestError("suffix is not supported")
+    if body.best_of is not None and body.best_of != body.n:
+        raise RequestError("best_of must equal n (or be left out)")
+    if body.stream and body.echo and body.logprobs is not None:
+        raise RequestError("echo with logprobs is only supported without stream")
+    prompts = _completion_prompts(state, body.prompt)
+    jobs = []
+    for text, ids in prompts:
+        max_tokens = _max_tokens(state, ids, body.max_tokens)
+        params = _sampling_params(body, max_tokens, logprobs=body.logprobs,
+                                  prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+        jobs.append((ids, params, text))
+    state.admit(len(jobs))
+    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    model = state.model_name
+    if body.stream:
+        return _stream_response(_stream_errors(_stream_completions(state, body, prompts, jobs, request_id, created)))
+
+    async def run() -> list[RequestOutput]:
+        return await asyncio.gather(*(state.generate_final(*job) for job in jobs))
+
+    outputs = await cancel_on_disconnect(request, run())
+    if not isinstance(outputs, list):
+        return outputs
+    choices, completion_tokens = [], 0
+    for prompt_index, ((text, ids), output) in enumerate(zip(prompts, outputs)):
+        prompt_text = text if text is not None else state.tokenizer.decode(ids)
+        for completion in output.outputs:
+            completion_tokens += len(completion.token_ids)
+            choices.append({
+                "index": prompt_index * body.n + completion.index,
+                "text": (prompt_text if body.echo else "") + completion.text,
+                "logprobs": None if body.logprobs is None else
+                _completion_logprobs(state, ids, output, completion, body.echo),
+                "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason})
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage(sum(len(ids) for _, ids in prompts), completion_tokens)}
+
+
+async def _stream_completions(state: ServerState, body: CompletionRequest, prompts, jobs, request_id: str,
+                              created: int) -> AsyncIterator[str]:
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    closed: set[int] = set()
+    completion_tokens = 0
+
+    def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
+        return _sse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+                     "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                  "finish_reason": finish_reason}]})
+
+    if body.echo:
+        for prompt_index, (text, ids) in enumerate(prompts):
+            prompt_text = text if text is not None else state.tokenizer.decode(ids)
+            for j in range(body.n):
+                yield chunk(prompt_index * body.n + j, prompt_text, None, None)
+    async for prompt_index, output in _merged(state, jobs):
+        ids = prompts[prompt_index][1]
+        for completion in output.outputs:
+            index = prompt_index * body.n + completion.index
+            if index in closed:
+                continue
+            start, first = sent_text.get(index, 0), sent_tokens.get(index, 0)
+            finished = completion.finish_reason is not None
+            if len(completion.text) == start and len(completion.token_ids) == first and not finished:
+                continue
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _completion_logprobs(state, ids, output, completion, echo=False, first=first)
+            sent_text[index], sent_tokens[index] = len(completion.text), len(completion.token_ids)
+            yield chunk(index, completion.text[start:], logprobs, completion.finish_reason)
+            if finished:
+                completion_tokens += len(completion.token_ids)
+                closed.add(index)
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+                    "choices": [], "usage": _usage(sum(len(ids) for _, ids in prompts), completion_tokens)})
+    yield _sse("[DONE]")
+
+
+def _chat_logprobs(state: ServerState, prompt_ids: list[int], completion: CompletionOutput, top_n: int,
+                   first: int = 0) -> dict:
+    tokenizer = state.tokenizer
+    content = []
+    previous = prompt_ids[-1] if prompt_ids else None
+    for position, (token_id, entry) in enumerate(zip(completion.token_ids, completion.logprobs or [])):
+        if position >= first:
+            text = _piece(tokenizer, previous, token_id)
+            ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:top_n]
+            top = [{"token": (t := _piece(tokenizer, previous, tid)), "logprob": value.logprob,
+                    "bytes": list(t.encode())} for tid, value in ranked]
+            content.append({"token": text, "logprob": entry[token_id].logprob, "bytes": list(text.encode()),
+                            "top_logprobs": top})
+        previous = token_id
+    return {"content": content}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = state_of(request)
+    _check_model(state, body.model)
+    messages = [message.model_dump(exclude_none=True) for message in body.messages]
+    prompt = engine_call(state.tokenizer.apply_chat_template, messages, body.add_generation_prompt)
+    ids = engine_call(state.tokenizer.encode, prompt, add_bos=False)
+    max_tokens = _max_tokens(state, ids, body.max_completion_tokens or body.max_tokens)
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true")
+    params = with_chat_stops(state.tokenizer, _sampling_params(body, max_tokens, logprobs=top_logprobs))
+    state.admit()
+    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return _stream_response(_stream_errors(_stream_chat(state, body, ids, params, prompt, request_id, created)))
+    output = await cancel_on_disconnect(request, state.generate_final(ids, params, prompt))
+    if not isinstance(output, RequestOutput):
+        return output
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(state, ids, c, body.top_logprobs or 0) if body.logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
+            "choices": choices, "usage": _usage(len(ids), sum(len(c.token_ids) for c in output.outputs))}
+
+
+async def _stream_chat(state: ServerState, body: ChatCompletionRequest, ids: list[int], params: SamplingParams,
+                       prompt: str, request_id: str, created: int) -> AsyncIterator[str]:
+    def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+        return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+                     "model": state.model_name, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                                             "finish_reason": finish_reason}]})
+
+    for index in range(body.n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    sent_text = [0] * body.n
+    sent_tokens = [0] * body.n
+    closed = [False] * body.n
+    completion_tokens = 0
+    async for output in state.generate(ids, params, prompt):
+        for completion in output.outputs:
+            index = completion.index
+            if closed[index]:
+                continue
+            finished = completion.finish_reason is not None
+            text = completion.text[sent_text[index]:]
+            if not text and len(completion.token_ids) == sent_tokens[index] and not finished:
+                continue
+            logprobs = (_chat_logprobs(state, ids, completion, body.top_logprobs or 0, sent_tokens[index])
+                        if body.logprobs else None)
+            sent_text[index], sent_tokens[index] = len(completion.text), len(completion.token_ids)
+            yield chunk(index, {"content": text} if text else {}, logprobs, completion.finish_reason)
+            if finished:
+                closed[index] = True
+                completion_tokens += len(completion.token_ids)
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                    "choices": [], "usage": _usage(len(ids), completion_tokens)})
+    yield _sse("[DONE]")
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    state = state_of(request)
+    if (body.prompt is None) == (body.messages is None):
+        raise RequestError("give either prompt or messages")
+    if body.messages is not None:
+        text = engine_call(state.tokenizer.apply_chat_template,
+                           [m.model_dump(exclude_none=True) for m in body.messages], body.add_generation_prompt)
+        tokens = engine_call(state.tokenizer.encode, text, add_bos=False)
+    else:
+        tokens = engine_call(state.tokenizer.encode, body.prompt, add_bos=None if body.add_special_tokens else False)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    state = state_of(request)
+    vocab = state.config.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise RequestError(f"token ids must be in [0, {vocab})")
+    return {"prompt": state.tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    state = state_of(request)
+    tokenizer = state.tokenizer
+    token = lambda token_id: None if token_id is None else tokenizer.convert_ids_to_tokens([token_id])[0]  # noqa: E731
+    return {"eos_token": token(tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None),
+            "bos_token": token(tokenizer.bos_token_id), "pad_token": None,
+            "chat_template": tokenizer.chat_template, "model_max_length": state.max_model_len,
+            "vocab_size": tokenizer.vocab_size, "add_bos_token": tokenizer.add_bos_default,
+            "tokenizer_class": "nemolite"}
+

@@ -1,0 +1,258 @@
+"""Triton's KServe v2 HTTP protocol: the subset NemoQuery/NemoQueryLLM, pytriton's ``ModelClient``
+and ``tritonclient.http`` use (REFERENCE.md §5), serving one model shaped like NeMo's TensorRT-LLM
+deployable: input ``prompts`` plus optional knobs, output ``outputs`` (the completion only).
+
+Requests may carry tensors as JSON ``data`` or in the binary tensor extension (nemolite.kserve);
+``outputs`` goes back binary when the client asks for it. Knobs are NeMo's: scalars come from each
+input's first element, ``stop_words_list``/``bad_words_list``/``end_strings`` are flat word lists
+whatever their shape, unknown inputs are ignored, and defaults are the TensorRT-LLM deployable's
+(64 tokens, top_k 1, so greedy unless the client says otherwise). Unlike NeMo, a request nemolite
+cannot run answers 4xx ``{"error": ...}`` instead of an in-band "An error occurred" string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+import nemolite
+from nemolite.engine.sampling_params import SamplingParams
+from nemolite.kserve import HEADER_LENGTH, TensorError, pack, read_tensors, split_body, tensor_to_bytes
+from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
+
+router = APIRouter()
+
+MAX_BATCH_SIZE = 128
+VERSION = "1"
+
+# (name, Triton config type, KServe datatype); every input but prompts is optional
+INPUTS = [("prompts", "TYPE_STRING", "BYTES"), ("max_output_len", "TYPE_INT64", "INT64"),
+          ("min_output_len", "TYPE_INT64", "INT64"), ("top_k", "TYPE_INT64", "INT64"),
+          ("top_p", "TYPE_FP32", "FP32"), ("temperature", "TYPE_FP32", "FP32"),
+          ("random_seed", "TYPE_INT64", "INT64"), ("repetition_penalty", "TYPE_FP32", "FP32"),
+          ("use_greedy", "TYPE_BOOL", "BOOL"), ("add_BOS", "TYPE_BOOL", "BOOL"), ("all_probs", "TYPE_BOOL", "BOOL"),
+          ("compute_logprob", "TYPE_BOOL", "BOOL"), ("stop_words_list", "TYPE_STRING", "BYTES"),
+          ("bad_words_list", "TYPE_STRING", "BYTES"), ("end_strings", "TYPE_STRING", "BYTES"),
+          ("output_context_logits", "TYPE_BOOL", "BOOL"), ("output_generation_logits", "TYPE_BOOL", "BOOL")]
+OUTPUTS = [("outputs", "TYPE_STRING", "BYTES")]  # the TYPE_STRING output first: NemoQueryLLM reads outputs[0]
+
+
+@dataclasses.dataclass(slots=True)
+class InferRequest:
+    prompts: list[str]
+    max_output_len: int = 64
+    min_output_len: int = 0
+    top_k: int = 1
+    top_p: float = 0.0
+    temperature: float = 1.0
+    random_seed: int | None = None
+    repetition_penalty: float = 1.0
+    use_greedy: bool = False
+    add_BOS: bool | None = None  # None: the checkpoint's own rule
+    stop: list[str] = dataclasses.field(default_factory=list)
+
+
+def _check_model(state: ServerState, name: str, version: str | None = None) -> None:
+    if name != state.model_name:
+        raise RequestError(f"unknown model '{name}'; this server serves '{state.model_name}'", 404)
+    if version not in (None, "", VERSION):
+        raise RequestError(f"model '{name}' has no version '{version}'; it has version {VERSION}", 404)
+
+
+def _strings(tensor: np.ndarray, name: str) -> list[str]:
+    if tensor.dtype != object:
+        raise RequestError(f"input '{name}' must be BYTES (UTF-8 strings), got {tensor.dtype.name}")
+    try:
+        return [item.decode() for item in tensor.flat]
+    except UnicodeDecodeError:
+        raise RequestError(f"input '{name}' is not valid UTF-8") from None
+
+
+def _first(tensors: dict[str, np.ndarray], name: str) -> float | bool | None:
+    """An input's scalar (its first element), or None when it is absent."""
+    tensor = tensors.get(name)
+    if tensor is None:
+        return None
+    if tensor.dtype == object:
+        raise RequestError(f"input '{name}' must be a number or BOOL, not BYTES")
+    if tensor.size == 0:
+        raise RequestError(f"input '{name}' is empty; send one value per prompt, shape [batch, 1]")
+    return tensor.flat[0].item()
+
+
+def _integer(tensors: dict[str, np.ndarray], name: str, minimum: int) -> int | None:
+    value = _first(tensors, name)
+    if value is None:
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value == int(value)):
+        raise RequestError(f"input '{name}' must be a whole number, got {value}")
+    if int(value) < minimum:
+        raise RequestError(f"input '{name}' must be >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def _number(tensors: dict[str, np.ndarray], name: str, low: float, high: float) -> float | None:
+    value = _first(tensors, name)
+    if value is None:
+        return None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise RequestError(f"input '{name}' must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def _flag(tensors: dict[str, np.ndarray], name: str) -> bool | None:
+    value = _first(tensors, name)
+    return None if value is None else bool(value)
+
+
+def parse_request(tensors: dict[str, np.ndarray]) -> InferRequest:
+    if "prompts" not in tensors:
+        raise RequestError("input 'prompts' is required: BYTES, shape [batch, 1], one UTF-8 prompt per row")
+    prompts = _strings(tensors["prompts"], "prompts")
+    if not 1 <= len(prompts) <= MAX_BATCH_SIZE:
+        raise RequestError(f"'prompts' holds {len(prompts)} prompts; send 1 to {MAX_BATCH_SIZE} per request")
+    for name in ("output_context_logits", "output_generation_logits"):
+        if _flag(tensors, name):
+            raise RequestError(f"{name} is not supported by nemolite; send it false or leave it out")
+    for name in ("bad_words_list", "lora_uids", "task_id"):
+        if name in tensors and any(_strings(tensors[name], name)):
+            raise RequestError(f"{name} is not supported by nemolite; leave it out")
+    if _number(tensors, "no_repeat_ngram_size", 0, math.inf):
+        raise RequestError("no_repeat_ngram_size is not supported by nemolite; leave it out")
+    request = InferRequest(prompts=prompts)
+    max_output_len = _integer(tensors, "max_output_len", 1)
+    if max_output_len is None:
+        max_output_len = _integer(tensors, "max_output_token", 1)  # NemoQuery's older name
+    values = {"max_output_len": max_output_len, "min_output_len": _integer(tensors, "min_output_len", 0),
+              "top_k": _integer(tensors, "top_k", 0), "top_p": _number(tensors, "top_p", 0.0, 1.0),
+              "temperature": _number(tensors, "temperature", 0.0, 100.0),
+              "random_seed": _integer(tensors, "random_seed", -(2**63)),
+              "repetition_penalty": _number(tensors, "repetition_penalty", 1e-6, 100.0),
+              "use_greedy": _flag(tensors, "use_greedy"), "add_BOS": _flag(tensors, "add_BOS")}
+    for name, value in values.items():
+        if value is not None:
+            setattr(request, name, value)
+    for name in ("stop_words_list", "end_strings"):
+        if name in tensors:
+            request.stop += [word for word in _strings(tensors[name], name) if word]
+    return request
+
+
+def sampling_params(request: InferRequest, state: ServerState, prompt_length: int) -> SamplingParams:
+    """NeMo's knobs in engine terms, mapped as nemolite.server.nemo does; the length is clamped to the context."""
+    max_tokens = max(0, min(request.max_output_len, state.max_model_len - prompt_length))
+    greedy = request.use_greedy or request.top_k == 1 or request.temperature == 0.0
+    stop_ids = [token_id for word in request.stop if (token_id := state.tokenizer.token_to_id(word)) is not None]
+    return engine_call(
+        SamplingParams,
+        max_tokens=max_tokens, min_tokens=min(request.min_output_len, max_tokens),
+        temperature=0.0 if greedy else request.temperature,
+        top_k=0 if greedy else request.top_k,
+        top_p=1.0 if greedy or request.top_p == 0.0 else request.top_p,  # NeMo: top_p 0 means off
+        repetition_penalty=request.repetition_penalty, seed=request.random_seed,
+        stop=request.stop, stop_token_ids=stop_ids, include_stop_str_in_output=True)
+
+
+def _binary_wanted(header: dict) -> bool:
+    """Whether the client asked for ``outputs`` as binary data (per output, or for all outputs)."""
+    parameters = header.get("parameters")
+    wanted = isinstance(parameters, dict) and bool(parameters.get("binary_data_output", False))
+    requested = header.get("outputs")
+    for entry in requested if isinstance(requested, list) else []:
+        if isinstance(entry, dict) and entry.get("name") == "outputs" and isinstance(entry.get("parameters"), dict):
+            wanted = bool(entry["parameters"].get("binary_data", wanted))
+    return wanted
+
+
+def _response(state: ServerState, header: dict, texts: list[str]) -> Response:
+    shape = [len(texts), 1]
+    output: dict = {"name": "outputs", "datatype": "BYTES", "shape": shape}
+    body: dict = {"model_name": state.model_name, "model_version": VERSION, "id": str(header.get("id", "")),
+                  "outputs": [output]}
+    if not _binary_wanted(header):
+        output["data"] = texts
+        return JSONResponse(body)
+    buffer = tensor_to_bytes("BYTES", np.array(texts, dtype=object))
+    output["parameters"] = {"binary_data_size": len(buffer)}
+    content, header_length = pack(body, [buffer])
+    return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+
+@router.get("/v2/health/live")
+async def live():
+    return Response(status_code=200)
+
+
+@router.get("/v2/health/ready")
+async def ready(request: Request):
+    return Response(status_code=200 if state_of(request).engine.dead is None else 503)
+
+
+@router.get("/v2")
+async def server_metadata():
+    return {"name": "nemolite", "version": nemolite.__version__, "extensions": ["binary_tensor_data"]}
+
+
+@router.post("/v2/repository/index")
+async def repository_index(request: Request):
+    return [{"name": state_of(request).model_name, "version": VERSION, "state": "READY"}]
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: Request, name: str, version: str | None = None):
+    state = state_of(request)
+    _check_model(state, name, version)
+    return Response(status_code=200 if state.engine.dead is None else 503)
+
+
+@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}/versions/{version}")
+async def model_metadata(request: Request, name: str, version: str | None = None):
+    state = state_of(request)
+    _check_model(state, name, version)
+
+    def tensors(table):
+        return [{"name": n, "datatype": datatype, "shape": [-1, -1]} for n, _, datatype in table]
+
+    return {"name": name, "versions": [VERSION], "platform": "nemolite", "inputs": tensors(INPUTS),
+            "outputs": tensors(OUTPUTS)}
+
+
+@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/versions/{version}/config")
+async def model_config(request: Request, name: str, version: str | None = None):
+    state = state_of(request)
+    _check_model(state, name, version)
+    return {"name": name, "platform": "nemolite", "backend": "nemolite", "max_batch_size": MAX_BATCH_SIZE,
+            "input": [{"name": n, "data_type": t, "dims": [-1], "optional": n != "prompts"} for n, t, _ in INPUTS],
+            "output": [{"name": n, "data_type": t, "dims": [-1]} for n, t, _ in OUTPUTS],
+            "dynamic_batching": {}, "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+            "model_transaction_policy": {"decoupled": False}, "parameters": {}}
+
+
+@router.post("/v2/models/{name}/infer")
+@router.post("/v2/models/{name}/versions/{version}/infer")
+async def infer(request: Request, name: str, version: str | None = None):
+    state = state_of(request)
+    _check_model(state, name, version)
+    body = await request.body()
+    try:
+        header, buffers = split_body(body, request.headers.get(HEADER_LENGTH))
+        tensors = read_tensors(header.get("inputs"), buffers)
+    except TensorError as error:
+        raise RequestError(str(error)) from None
+    parsed = parse_request(tensors)
+    token_ids = [engine_call(state.tokenizer.encode, prompt, add_bos=parsed.add_BOS) for prompt in parsed.prompts]
+    params = [sampling_params(parsed, state, len(ids)) for ids in token_ids]
+    state.admit(len(token_ids))
+    outputs = await cancel_on_disconnect(request, asyncio.gather(
+        *(state.generate_final(ids, p, prompt) for prompt, ids, p in zip(parsed.prompts, token_ids, params))))
+    if not isinstance(outputs, list):
+        return outputs  # the client went away
+    return _response(state, header, [output.outputs[0].text for output in outputs])

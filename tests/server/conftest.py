@@ -1,0 +1,92 @@
+"""A live nemolite server on a free port (uvicorn in a thread) over the demo model in fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from nemolite.engine.async_llm import AsyncLLM
+from nemolite.engine.llm import LLM
+from nemolite.server.app import build_app
+
+from tests.conftest import DEVICE
+
+MODEL_NAME = "demo"
+
+
+@dataclasses.dataclass
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    port: int
+    engine: AsyncLLM
+    app: object
+
+    @property
+    def state(self):
+        return self.app.state.nemolite
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(engine: AsyncLLM, **app_options) -> tuple[LiveServer, uvicorn.Server, threading.Thread]:
+    app = build_app(engine, MODEL_NAME, shutdown_engine=False, **app_options)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    return LiveServer(f"http://127.0.0.1:{port}", port, engine, app), server, thread
+
+
+def stop_server(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def demo_engine():
+    engine = AsyncLLM(None, dtype="float32", device=DEVICE, max_num_seqs=32, kv_cache_gb=0.2)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_llm() -> LLM:
+    """The in-process reference: the same checkpoint, dtype and device as the server's engine."""
+    return LLM(None, dtype="float32", device=DEVICE, kv_cache_gb=0.2)
+
+
+@pytest.fixture(scope="session")
+def live_server(demo_engine):
+    live, server, thread = start_server(demo_engine)
+    yield live
+    stop_server(server, thread)
+
+
+@pytest.fixture
+def wait_idle(demo_engine):
+    """Call to wait until the engine has no request left and every KV block is free again."""
+    def wait(timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = demo_engine.stats()
+            if demo_engine.num_requests == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"engine not idle: {demo_engine.num_requests} requests, {stats}")
+            time.sleep(0.02)
+    return wait
