@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -13,6 +15,7 @@ import torch
 from nemolite.engine.llm_engine import LLMEngine
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
+from nemolite.errors import NemoliteError
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +25,21 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLM:
+    """Requests reach the engine thread through a command queue that it drains before each step,
+    so adding or aborting never waits for a step, and a fast engine (CUDA graphs) cannot starve
+    the event loop of its lock. Only the engine thread touches the engine."""
+
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
                  device: str | torch.device | None = None, seed: int = 0, tokenizer: str | Path | None = None,
                  **engine_args):
         self.engine = LLMEngine.from_pretrained(model, dtype, device, seed, tokenizer, **engine_args)
         self.tokenizer, self.config = self.engine.tokenizer, self.engine.config
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _streams only, never held across a step
         self._wake = threading.Event()
+        self._commands: collections.deque = collections.deque()
         self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stats = self.engine.stats()
         self._closed = False
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="nemolite-engine", daemon=True)
@@ -40,10 +50,14 @@ class AsyncLLM:
         """Cumulative outputs of one request as it progresses; leaving early aborts the request."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
+        self.engine.validate_request(prompt_token_ids, params)  # bad input fails here, in the caller
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
-            request_id = self.engine.add_request(request_id, prompt, prompt_token_ids, params)
+            request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+            if request_id in self._streams:
+                raise NemoliteError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
+        self._commands.append((request_id, prompt, list(prompt_token_ids), params))
         self._wake.set()
         finished = False
         try:
@@ -52,7 +66,7 @@ class AsyncLLM:
                 stream.ready.clear()
                 item, stream.latest = stream.latest, None
                 if isinstance(item, BaseException):
-                    raise EngineDeadError(f"the engine stopped: {item}")
+                    raise item if isinstance(item, NemoliteError) else EngineDeadError(f"the engine stopped: {item}")
                 if item is None:
                     continue
                 finished = item.finished
@@ -62,14 +76,15 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks now."""
+        """Stop a request; the engine frees its KV blocks before its next step."""
         with self._lock:
-            self.engine.abort_request(request_id)
             self._streams.pop(request_id, None)
+        self._commands.append(request_id)
+        self._wake.set()
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            return self.engine.stats()
+        """The engine's counters as of its last step or command (never waits for a step)."""
+        return dict(self._stats)
 
     @property
     def num_requests(self) -> int:
@@ -81,21 +96,36 @@ class AsyncLLM:
         self._wake.set()
         self._thread.join(timeout=30)
 
+    def _apply_commands(self) -> bool:
+        """Add and abort what callers asked for since the last step; True if there was anything."""
+        applied = False
+        while self._commands:
+            command = self._commands.popleft()
+            applied = True
+            if isinstance(command, str):
+                self.engine.abort_request(command)
+                continue
+            request_id = command[0]
+            try:
+                self.engine.add_request(*command)
+            except NemoliteError as error:  # raced with something that changed since validation
+                with self._lock:
+                    stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    _deliver([(stream, error)])
+        return applied
+
     def _run(self) -> None:
         while not self._closed:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests()
-            if not busy:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                with self._lock:
-                    outputs = self.engine.step()
-                    targets = [(self._streams.get(o.request_id), o) for o in outputs]
-                    for output in outputs:
-                        if output.finished:
-                            self._streams.pop(output.request_id, None)
+                if self._apply_commands():
+                    self._stats = self.engine.stats()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()
             except Exception as error:  # noqa: BLE001 - every waiting stream must hear of it
                 log.exception("engine step failed")
                 self.dead = error
@@ -103,6 +133,11 @@ class AsyncLLM:
                     streams, self._streams = list(self._streams.values()), {}
                 _deliver([(stream, error) for stream in streams])
                 return
+            with self._lock:
+                targets = [(self._streams.get(o.request_id), o) for o in outputs]
+                for output in outputs:
+                    if output.finished:
+                        self._streams.pop(output.request_id, None)
             _deliver([(stream, output) for stream, output in targets if stream is not None])
 
 

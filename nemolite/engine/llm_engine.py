@@ -124,19 +124,7 @@ class LLMEngine:
         request_id = str(next(self._request_counter)) if request_id is None else request_id
         if request_id in self.requests:
             raise NemoliteError(f"request id {request_id!r} is already in use")
-        context = self.config.max_position_embeddings
-        if not prompt_token_ids:
-            raise NemoliteError("the prompt is empty; give at least one token")
-        if len(prompt_token_ids) >= context:
-            raise NemoliteError(f"the prompt has {len(prompt_token_ids)} tokens but the model's context is "
-                                f"{context}; shorten the prompt")
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise NemoliteError(f"prompt token ids must be in [0, {vocab})")
-        longest = min(context, len(prompt_token_ids) + (params.max_tokens if params.max_tokens is not None else context))
-        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
-            raise NemoliteError(f"the KV cache ({self.block_manager.num_blocks} blocks of {self.args.block_size} "
-                                f"tokens) cannot hold {longest} tokens; raise --kv-cache-gb or lower max_tokens")
+        self.validate_request(prompt_token_ids, params)
         seqs = []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), params,
@@ -153,6 +141,22 @@ class LLMEngine:
             else:
                 self.scheduler.add(seq)
         return request_id
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise NemoliteError for a request this engine can never run; reads nothing that steps change."""
+        context = self.config.max_position_embeddings
+        if not prompt_token_ids:
+            raise NemoliteError("the prompt is empty; give at least one token")
+        if len(prompt_token_ids) >= context:
+            raise NemoliteError(f"the prompt has {len(prompt_token_ids)} tokens but the model's context is "
+                                f"{context}; shorten the prompt")
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise NemoliteError(f"prompt token ids must be in [0, {vocab})")
+        longest = min(context, len(prompt_token_ids) + (params.max_tokens if params.max_tokens is not None else context))
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            raise NemoliteError(f"the KV cache ({self.block_manager.num_blocks} blocks of {self.args.block_size} "
+                                f"tokens) cannot hold {longest} tokens; raise --kv-cache-gb or lower max_tokens")
 
     def _seed(self, params: SamplingParams, index: int) -> int:
         base = params.seed if params.seed is not None else self.seed * 1_000_003 + next(self._request_counter)
