@@ -65,7 +65,11 @@ class CompiledDecoder:
             from nemolite.model import cpu_kernels
 
             cpu_kernels.enable()  # batch-1 decode reads weights with the bf16 GEMV kernel
-        self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True)
+        # On CUDA the step is replayed as a CUDA graph (cudagraph trees): one launch instead of hundreds.
+        self.cuda_graphs = model.lm_head.weight.device.type == "cuda"
+        self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
+                                   mode="reduce-overhead" if self.cuda_graphs else None)
+        self.static_caches: set[int] = set()
         self.compiled_buckets: set[int] = set()
         self.compile_seconds = 0.0
 
@@ -95,6 +99,13 @@ class CompiledDecoder:
         torch._dynamo.maybe_mark_dynamic(context_slots, 1)
         torch._dynamo.maybe_mark_dynamic(context_mask, 1)
         layers = [i for i, c in enumerate(key_caches) if c is not None]
+        if self.cuda_graphs:
+            for cache in (*key_caches, *value_caches):
+                if cache is not None and id(cache) not in self.static_caches:
+                    # The graphs read the caches in place; without this each replay would copy them.
+                    torch._dynamo.mark_static_address(cache)
+                    self.static_caches.add(id(cache))
+            torch.compiler.cudagraph_mark_step_begin()
         started = time.perf_counter()
         logits, new_keys, new_values = self.graph(input_ids, positions, context_slots, context_mask,
                                                   key_caches, value_caches)
