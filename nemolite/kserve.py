@@ -94,7 +94,11 @@ def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndar
     if datatype == "BYTES":
         if not all(isinstance(item, str) for item in flat):
             raise TensorError(f"the JSON data of BYTES input '{name}' must be strings")
-        return _object_array([item.encode() for item in flat], shape)
+        try:
+            return _object_array([item.encode() for item in flat], shape)
+        except UnicodeEncodeError:
+            raise TensorError(f"the strings of BYTES input '{name}' must be valid Unicode (no lone surrogates)") \
+                from None
     if datatype == "BOOL":
         ok = all(isinstance(item, bool) for item in flat)
     else:
@@ -178,6 +182,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     except json.JSONDecodeError as error:
         hint = f" (is {HEADER_LENGTH} right?)" if header_length is not None else ""
         raise TensorError(f"the JSON header is not valid JSON{hint}: {error}") from None
+    except RecursionError:
+        raise TensorError("the JSON header is nested too deeply") from None
+    except ValueError as error:  # e.g. an integer of more than 4300 digits
+        raise TensorError(f"the JSON header holds a value Python cannot read: {error}") from None
     if not isinstance(header, dict):
         raise TensorError("the JSON header must be an object")
     return header, rest

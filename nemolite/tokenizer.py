@@ -7,6 +7,7 @@ jinja template) and a streaming decoder that never splits a multi-byte character
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Tokenizer:
         self.add_bos_default = add_bos_default
         self.chat_template = chat_template
         self.chat_format = chat_format  # "nemotron" when no template is given for a Nemotron model
+        self.pad_token: str | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model_type: str | None = None,
@@ -47,8 +49,10 @@ class Tokenizer:
             eos.append(backend.default_eos)
         template = _chat_template(path, settings)
         chat_format = "nemotron" if template is None and model_type == "nemotron" else None
-        return cls(backend, bos_token_id=bos, eos_token_ids=eos, add_bos_default=settings.get("add_bos_token"),
-                   chat_template=template, chat_format=chat_format)
+        tokenizer = cls(backend, bos_token_id=bos, eos_token_ids=eos, add_bos_default=settings.get("add_bos_token"),
+                        chat_template=template, chat_format=chat_format)
+        tokenizer.pad_token = _token_text(settings.get("pad_token")) or backend.default_pad
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -56,6 +60,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; ``add_bos`` None follows the checkpoint's own rule."""
+        if not isinstance(text, str):
+            raise NemoliteError(f"text to encode must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NemoliteError("the text is not valid Unicode (it holds a lone surrogate such as \\ud800)") from None
         if add_bos is None and isinstance(self.backend, _HFBackend) and self.add_bos_default is None:
             return self.backend.encode(text, add_special_tokens=True)
         ids = self.backend.encode(text, add_special_tokens=False)
@@ -171,6 +181,7 @@ def _token_text(token: Any) -> str | None:
 class _Backend:
     vocab_size: int
     default_eos: int | None = None
+    default_pad: str | None = None
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
@@ -213,9 +224,24 @@ class _SentencePieceBackend(_Backend):
         self.vocab_size = self.processor.get_piece_size()
         self.default_eos = self.processor.eos_id() if self.processor.eos_id() >= 0 else None
         self._control = {i for i in range(self.vocab_size) if self.processor.IsControl(i)}
+        # Special pieces written in the text (``</s>``) are those tokens, as HF tokenizers parse them.
+        self._special = {self.processor.id_to_piece(i): i for i in
+                         sorted(self._control | {i for i in range(self.vocab_size) if self.processor.IsUnknown(i)})}
+        self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(self._special, key=len, reverse=True)))
+                                         + ")") if self._special else None
+        pad = self.processor.pad_id()
+        self.default_pad = self.processor.id_to_piece(pad) if 0 <= pad < self.vocab_size else None
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.processor.encode(text)
+        if self._special_split is None or not any(piece in text for piece in self._special):
+            return self.processor.encode(text)
+        ids: list[int] = []
+        for part in self._special_split.split(text):
+            if part in self._special:
+                ids.append(self._special[part])
+            elif part:
+                ids += self.processor.encode(part)
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         # Control pieces (<s>, </s>, <pad>) have no text; without skipping, show them as HF does.

@@ -46,12 +46,14 @@ class AsyncLLM:
         self._thread.start()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request as it progresses; leaving early aborts the request."""
+                       request_id: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request as it progresses; leaving early aborts the request.
+        With ``stream=False`` only the first output with a token and the final one come (no wake-up
+        per step for a caller that wants the end result)."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         self.engine.validate_request(prompt_token_ids, params)  # bad input fails here, in the caller
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), final_only=not stream)
         with self._lock:
             request_id = f"async-{next(self._ids)}" if request_id is None else request_id
             if request_id in self._streams:
@@ -133,22 +135,27 @@ class AsyncLLM:
                     streams, self._streams = list(self._streams.values()), {}
                 _deliver([(stream, error) for stream in streams])
                 return
+            targets = []
             with self._lock:
-                targets = [(self._streams.get(o.request_id), o) for o in outputs]
                 for output in outputs:
-                    if output.finished:
-                        self._streams.pop(output.request_id, None)
-            _deliver([(stream, output) for stream, output in targets if stream is not None])
+                    stream = self._streams.pop(output.request_id, None) if output.finished else \
+                        self._streams.get(output.request_id)
+                    if stream is not None and (output.finished or not stream.final_only or not stream.started):
+                        stream.started = True
+                        targets.append((stream, output))
+            _deliver(targets)
 
 
 class _Stream:
     """Where the engine thread leaves a request's newest output. Outputs are cumulative, so a consumer
     slower than the engine skips intermediate snapshots instead of queueing them."""
 
-    __slots__ = ("loop", "ready", "latest")
+    __slots__ = ("loop", "ready", "latest", "final_only", "started")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
         self.loop = loop
+        self.final_only = final_only  # deliver the first output and the last one only
+        self.started = False
         self.ready = asyncio.Event()
         self.latest: RequestOutput | BaseException | None = None
 

@@ -173,6 +173,7 @@ class LLMEngine:
         """Work left, or finished requests whose outputs the next step() still has to report."""
         return bool(self.requests) or self.scheduler.has_unfinished()
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; the outputs of every request that moved (finished ones leave)."""
         batch = self.scheduler.schedule()

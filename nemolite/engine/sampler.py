@@ -79,7 +79,7 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
         chosen = [params[row] for row in sampled_rows]
         temperature = torch.tensor([p.temperature for p in chosen], device=device)
         scaled = filter_logits(logits[rows] / temperature[:, None],
-                               torch.tensor([max(p.top_k, 0) for p in chosen], device=device),
+                               torch.tensor([min(max(p.top_k, 0), logits.shape[-1]) for p in chosen], device=device),
                                torch.tensor([p.top_p for p in chosen], device=device),
                                torch.tensor([p.min_p for p in chosen], device=device))
         probs = scaled.softmax(-1)

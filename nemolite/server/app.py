@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nemolite.engine.async_llm import AsyncLLM, EngineDeadError
 from nemolite.engine.outputs import RequestOutput
@@ -63,13 +64,14 @@ class ServerState:
                                f"{self.capacity}; retry later", 503)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """The engine's cumulative outputs for one request, with latency and token metrics recorded."""
+                       prompt: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """The engine's cumulative outputs for one request (``stream=False``: the first and the last),
+        with latency and token metrics recorded."""
         metrics, arrival = self.metrics, time.monotonic()
         first_token = None
         last: RequestOutput | None = None
         try:
-            async for output in self.engine.generate(prompt_token_ids, params, prompt):
+            async for output in self.engine.generate(prompt_token_ids, params, prompt, stream=stream):
                 if first_token is None and any(o.token_ids for o in output.outputs):
                     first_token = time.monotonic()
                     metrics.time_to_first_token.observe(first_token - arrival)
@@ -90,7 +92,7 @@ class ServerState:
                              prompt: str | None = None) -> RequestOutput:
         """Run one request to the end."""
         final = None
-        async for final in self.generate(prompt_token_ids, params, prompt):
+        async for final in self.generate(prompt_token_ids, params, prompt, stream=False):
             pass
         assert final is not None and final.finished
         return final
@@ -113,6 +115,10 @@ async def read_json_object(request: Request) -> dict:
         raise RequestError("the request body is not valid UTF-8") from None
     except json.JSONDecodeError as error:
         raise RequestError(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    except ValueError as error:  # e.g. an integer of more than 4300 digits
+        raise RequestError(f"the request body holds a value Python cannot read: {error}") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
     return data
@@ -222,13 +228,22 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
     async def invalid(request: Request, error: RequestValidationError):
         return error_response(request.url.path, 400, _validation_message(error))
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, error):
-        return error_response(request.url.path, 404, f"no route {request.method} {request.url.path}")
+    @app.exception_handler(UnicodeError)
+    async def not_unicode(request: Request, error: UnicodeError):
+        return error_response(request.url.path, 400, "text must be valid Unicode (no lone surrogates such as "
+                                                     "\\ud800, no invalid UTF-8)")
 
-    @app.exception_handler(405)
-    async def wrong_method(request: Request, error):
-        return error_response(request.url.path, 405, f"{request.method} is not allowed on {request.url.path}")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif error.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif error.status_code == 400 and "parsing the body" in str(error.detail):
+            message = "the request body is not valid JSON (or not UTF-8, or nested too deeply)"
+        else:
+            message = str(error.detail)
+        return error_response(request.url.path, error.status_code, message)
 
     @app.get("/health")
     async def health():

@@ -96,7 +96,7 @@ class DetokenizeRequest(_Body):
 
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in (state.model_name, ""):
-        raise RequestError(f"the model '{model}' does not exist; this server serves '{state.model_name}'", 404)
+        raise RequestError(f"the model {model!r} does not exist; this server serves '{state.model_name}'", 404)
 
 
 def _sampling_params(body: _SamplingFields, max_tokens: int | None, **extra) -> SamplingParams:
@@ -471,7 +471,7 @@ async def tokenizer_info(request: Request):
     tokenizer = state.tokenizer
     token = lambda token_id: None if token_id is None else tokenizer.convert_ids_to_tokens([token_id])[0]  # noqa: E731
     return {"eos_token": token(tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None),
-            "bos_token": token(tokenizer.bos_token_id), "pad_token": None,
+            "bos_token": token(tokenizer.bos_token_id), "pad_token": tokenizer.pad_token,
             "chat_template": tokenizer.chat_template, "model_max_length": state.max_model_len,
             "vocab_size": tokenizer.vocab_size, "add_bos_token": tokenizer.add_bos_default,
             "tokenizer_class": "nemolite"}
