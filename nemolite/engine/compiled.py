@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from nemolite.model import CausalLM
+from nemolite.model import CausalLM, cpu_kernels
 from nemolite.model.layers import causal_attention
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,12 @@ def batch_bucket(batch_size: int) -> int:
 class _GraphAttention:
     """Stands in for the cache while the graph is traced."""
 
-    def __init__(self, key_caches: list, value_caches: list, context_slots: torch.Tensor, context_mask: torch.Tensor):
+    def __init__(self, key_caches: list, value_caches: list, context_slots: torch.Tensor, context_mask: torch.Tensor,
+                 lengths: torch.Tensor, paged_kernel: bool):
         self.key_caches, self.value_caches = key_caches, value_caches
         self.context_slots = context_slots  # [B, S] slots of the positions before the new token
+        self.lengths = lengths  # [B] how many of them are filled
+        self.paged_kernel = paged_kernel
         # [B, 1, 1, S + 1]: the filled context positions, then the new token itself.
         self.mask = torch.cat([context_mask, torch.ones_like(context_mask[:, :1])], dim=1)[:, None, None, :]
         self.new_keys: list[torch.Tensor] = []
@@ -42,10 +45,14 @@ class _GraphAttention:
 
     def attend(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, H, 1, hd], k/v [B, G, 1, hd] -> [B, H, 1, hd]."""
-        cached_keys = self.key_caches[layer_index][self.context_slots].transpose(1, 2)  # [B, G, S, hd]
-        cached_values = self.value_caches[layer_index][self.context_slots].transpose(1, 2)
         self.new_keys.append(k[:, :, 0])
         self.new_values.append(v[:, :, 0])
+        if self.paged_kernel:  # reads the cache in place: no gather, no concatenation
+            return torch.ops.nemolite.decode_attention(
+                q[:, :, 0], self.key_caches[layer_index], self.value_caches[layer_index], self.context_slots,
+                self.lengths, k[:, :, 0], v[:, :, 0], q.shape[-1] ** -0.5)[:, :, None]
+        cached_keys = self.key_caches[layer_index][self.context_slots].transpose(1, 2)  # [B, G, S, hd]
+        cached_values = self.value_caches[layer_index][self.context_slots].transpose(1, 2)
         keys = torch.cat([cached_keys, k], dim=2)
         values = torch.cat([cached_values, v], dim=2)
         return causal_attention(q, keys, values, mask=self.mask)
@@ -62,9 +69,7 @@ class CompiledDecoder:
         inductor_config.cpp_wrapper = model.lm_head.weight.device.type == "cpu"
         self.model = model
         if model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.bfloat16:
-            from nemolite.model import cpu_kernels
-
-            cpu_kernels.enable()  # batch-1 decode reads weights with the bf16 GEMV kernel
+            cpu_kernels.enable()  # bf16 GEMV for batch-1 linears, attention straight from the paged cache
         # On CUDA the step is replayed as a CUDA graph (cudagraph trees): one launch instead of hundreds.
         self.cuda_graphs = model.lm_head.weight.device.type == "cuda"
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
@@ -74,7 +79,8 @@ class CompiledDecoder:
         self.compile_seconds = 0.0
 
     def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches):
-        attention = _GraphAttention(key_caches, value_caches, context_slots, context_mask)
+        paged_kernel = input_ids.device.type == "cpu" and cpu_kernels.enabled()
+        attention = _GraphAttention(key_caches, value_caches, context_slots, context_mask, positions, paged_kernel)
         logits = self.model(input_ids[:, None], positions[:, None], cache=attention)[:, 0]
         return logits.float(), attention.new_keys, attention.new_values
 

@@ -87,12 +87,14 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
         for index, row in enumerate(sampled_rows):
             race[index].exponential_(generator=generators[row])
         tokens[rows] = (probs / race).argmax(-1)
+    token_list = tokens.tolist()
+    token_logprobs = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     results = []
-    for row, token in enumerate(tokens.tolist()):
+    for row, token in enumerate(token_list):
         wanted = params[row].logprobs
         top = None if wanted is None else logprob_entry(logprobs[row], token, wanted)
         full = logprobs[row].to("cpu", copy=True) if params[row].full_logprobs else None
-        results.append((token, float(logprobs[row, token]), top, full))
+        results.append((token, token_logprobs[row], top, full))
     return results
 
 

@@ -37,3 +37,24 @@ def test_usable_inside_a_compiled_graph(kernel):
     x = torch.randn(1, 128).bfloat16()
     compiled = torch.compile(lambda t: kernel.linear(t, weight, None).float().softmax(-1), fullgraph=True)
     assert torch.allclose(compiled(x), kernel.linear(x, weight, None).float().softmax(-1))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("head_dim", [64, 48])  # 48: the bf16 case without vdpbf16ps
+def test_paged_decode_attention_matches_gathered_attention(kernel, dtype, tolerance, head_dim):
+    from nemolite.model.layers import single_query_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, groups, num_slots, width = 5, 16, 4, 300, 37
+    key_cache, value_cache = (torch.randn(num_slots, groups, head_dim, generator=generator).to(dtype) for _ in range(2))
+    q = torch.randn(batch, heads, head_dim, generator=generator).to(dtype)
+    new_k, new_v = (torch.randn(batch, groups, head_dim, generator=generator).to(dtype) for _ in range(2))
+    lengths = torch.tensor([0, 1, 17, 37, 5])  # 0: a padded row attends to its own token only
+    slots = torch.randperm(num_slots, generator=generator)[:batch * width].reshape(batch, width)
+    got = torch.ops.nemolite.decode_attention(q, key_cache, value_cache, slots, lengths, new_k, new_v, head_dim ** -0.5)
+    keys = torch.cat([key_cache[slots].transpose(1, 2), new_k[:, :, None]], 2).float()
+    values = torch.cat([value_cache[slots].transpose(1, 2), new_v[:, :, None]], 2).float()
+    mask = torch.cat([torch.arange(width)[None] < lengths[:, None], torch.ones(batch, 1, dtype=torch.bool)], 1)
+    expected = single_query_attention(q.float()[:, :, None], keys, values, mask[:, None, None])[:, :, 0]
+    assert got.dtype == dtype and got.shape == q.shape
+    assert (got.float() - expected).abs().max().item() <= tolerance
