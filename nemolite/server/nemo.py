@@ -111,20 +111,27 @@ def parse_request(data: dict) -> GenerateRequest:
     return request
 
 
-def sampling_params(request: GenerateRequest, state: ServerState, prompt_length: int) -> SamplingParams:
-    """NeMo's knobs in engine terms; the length is clamped to the context, as NeMo does."""
-    max_tokens = max(0, min(request.tokens_to_generate, state.max_model_len - prompt_length))
-    greedy = request.greedy or request.top_k == 1
-    stop_ids = [token_id for s in request.end_strings if (token_id := state.tokenizer.token_to_id(s)) is not None]
-    scored = request.compute_logprob or request.all_probs
+def nemo_sampling_params(state: ServerState, prompt_length: int, *, tokens: int, min_tokens: int, greedy: bool,
+                         temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
+                         end_strings: list[str], **extra) -> SamplingParams:
+    """NeMo's knobs in engine terms (also the Triton deployables'): top_k 1 is greedy, top_p 0 is off,
+    end strings stop generation and stay in the text, and the length is clamped to the context."""
+    max_tokens = max(0, min(tokens, state.max_model_len - prompt_length))
+    greedy = greedy or top_k == 1
+    stop_ids = [token_id for s in end_strings if (token_id := state.tokenizer.token_to_id(s)) is not None]
     return engine_call(
-        SamplingParams,
-        max_tokens=max_tokens, min_tokens=min(request.min_tokens_to_generate, max_tokens),
-        temperature=0.0 if greedy else request.temperature,
-        top_k=0 if greedy else request.top_k,
-        top_p=1.0 if greedy or request.top_p == 0.0 else request.top_p,  # NeMo: top_p 0 means off
-        repetition_penalty=request.repetition_penalty, seed=request.random_seed,
-        stop=request.end_strings, stop_token_ids=stop_ids, include_stop_str_in_output=True,
+        SamplingParams, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
+        temperature=0.0 if greedy else temperature, top_k=0 if greedy else top_k,
+        top_p=1.0 if greedy or top_p == 0.0 else top_p, repetition_penalty=repetition_penalty, seed=seed,
+        stop=end_strings, stop_token_ids=stop_ids, include_stop_str_in_output=True, **extra)
+
+
+def sampling_params(request: GenerateRequest, state: ServerState, prompt_length: int) -> SamplingParams:
+    scored = request.compute_logprob or request.all_probs
+    return nemo_sampling_params(
+        state, prompt_length, tokens=request.tokens_to_generate, min_tokens=request.min_tokens_to_generate,
+        greedy=request.greedy, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+        repetition_penalty=request.repetition_penalty, seed=request.random_seed, end_strings=request.end_strings,
         logprobs=0 if scored else None, prompt_logprobs=0 if scored else None, full_logprobs=request.all_probs)
 
 

@@ -24,6 +24,7 @@ import nemolite
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.kserve import HEADER_LENGTH, TensorError, pack, read_tensors, split_body, tensor_to_bytes
 from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
+from nemolite.server.nemo import nemo_sampling_params
 
 router = APIRouter()
 
@@ -144,18 +145,11 @@ def parse_request(tensors: dict[str, np.ndarray]) -> InferRequest:
 
 
 def sampling_params(request: InferRequest, state: ServerState, prompt_length: int) -> SamplingParams:
-    """NeMo's knobs in engine terms, mapped as nemolite.server.nemo does; the length is clamped to the context."""
-    max_tokens = max(0, min(request.max_output_len, state.max_model_len - prompt_length))
-    greedy = request.use_greedy or request.top_k == 1 or request.temperature == 0.0
-    stop_ids = [token_id for word in request.stop if (token_id := state.tokenizer.token_to_id(word)) is not None]
-    return engine_call(
-        SamplingParams,
-        max_tokens=max_tokens, min_tokens=min(request.min_output_len, max_tokens),
-        temperature=0.0 if greedy else request.temperature,
-        top_k=0 if greedy else request.top_k,
-        top_p=1.0 if greedy or request.top_p == 0.0 else request.top_p,  # NeMo: top_p 0 means off
-        repetition_penalty=request.repetition_penalty, seed=request.random_seed,
-        stop=request.stop, stop_token_ids=stop_ids, include_stop_str_in_output=True)
+    return nemo_sampling_params(
+        state, prompt_length, tokens=request.max_output_len, min_tokens=request.min_output_len,
+        greedy=request.use_greedy or request.temperature == 0.0, temperature=request.temperature,
+        top_k=request.top_k, top_p=request.top_p, repetition_penalty=request.repetition_penalty,
+        seed=request.random_seed, end_strings=request.stop)
 
 
 def _binary_wanted(header: dict) -> bool:
