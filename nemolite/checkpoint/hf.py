@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nemolite.checkpoint.host_memory import move_to_huge_pages
 from nemolite.config import ModelConfig, load_config
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
@@ -112,6 +113,7 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
     model = model.to(torch_dtype).to_empty(device=device)
     model.tie_weights()
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    move_to_huge_pages(list(params.values()), copy=False)  # faster streaming of the weights on the CPU
     entries = checkpoint_entries(path)
     expected = set(params)
     if config.tie_word_embeddings:
