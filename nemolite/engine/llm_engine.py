@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nemolite.checkpoint import default_device, resolve_model_path
-from nemolite.checkpoint.hf import load_hf_model
+from nemolite.checkpoint import load_checkpoint, resolve_model_path
 from nemolite.engine.block_manager import BlockManager
 from nemolite.engine.kv_cache import PagedKVCache
 from nemolite.engine.outputs import CompletionOutput, RequestOutput
@@ -91,10 +90,8 @@ class LLMEngine:
                         tokenizer: str | Path | None = None, **engine_args) -> "LLMEngine":
         """Load a checkpoint (None: the demo model) and its tokenizer; ``engine_args`` are EngineArgs fields."""
         path = resolve_model_path(model)
-        loaded = load_hf_model(path, dtype=dtype, device=torch.device(device) if device is not None else default_device())
-        config = loaded.config
-        tokenizer_ = Tokenizer.from_pretrained(tokenizer or path, model_type=config.model_type,
-                                               bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids)
+        loaded, tokenizer_ = load_checkpoint(path, dtype, torch.device(device) if device is not None else None,
+                                             tokenizer)
         return cls(loaded, tokenizer_, EngineArgs(**engine_args), seed=seed)
 
     def _num_blocks(self, args: EngineArgs) -> int:
