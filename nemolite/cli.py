@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     _add_model_options(serve)
 
+    convert = commands.add_parser("convert", help="write a NeMo (or HF) checkpoint as a Hugging Face directory",
+                                  description="Convert SRC (a .nemo file, a NeMo checkpoint directory with "
+                                              "model_config.yaml, or an HF directory) into DST: config.json, "
+                                              "sharded safetensors with an index, tokenizer files. DST appears "
+                                              "only when complete.")
+    convert.add_argument("source", metavar="SRC")
+    convert.add_argument("destination", metavar="DST")
+    convert.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                         help="cast the weights (default: keep the checkpoint's)")
+    convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+
     from nemolite.bench import WORKLOADS
 
     bench = commands.add_parser("bench", help="measure nemolite against transformers on named workloads",
@@ -197,11 +209,36 @@ def run_serve(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    upper = text.strip().upper()
+    for unit, scale in units.items():
+        if upper.endswith(unit):
+            number = upper[:-len(unit)]
+            break
+    else:
+        number, scale = upper, 1
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise NemoliteError(f"cannot read the size {text!r}; write e.g. 5GB or 500MB") from None
+
+
+def run_convert(args) -> int:
+    from nemolite.checkpoint.convert import convert
+
+    destination = convert(args.source, args.destination, dtype=args.dtype, max_shard_bytes=_size(args.max_shard_size),
+                          overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(destination)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"generate": run_generate, "chat": run_chat, "serve": run_serve, "bench": run_bench}
+    handlers = {"generate": run_generate, "chat": run_chat, "serve": run_serve, "convert": run_convert,
+                "bench": run_bench}
     try:
         return handlers[args.command](args)
     except NemoliteError as error:
