@@ -155,10 +155,15 @@ def state_from_dist_checkpoint(reader) -> dict[str, object]:
         name = canonical_name(key)
         if name is None:
             continue
-        match = re.match(r"decoder\.layers\.([a-z_].*)$", name)
+        # Stacked [L, ...] keys are unfolded before renaming: the renames match per-layer names, and
+        # megatron writes local-spec names (input_layernorm., pre_mlp_layernorm.) when a layer spec has
+        # no sharded_state_dict_keys_map.
+        match = re.match(r"((?:language_model\.(?:encoder|transformer)|decoder)\.layers)\.([a-z_].*)$",
+                         _PREFIX.sub("", key))
         if match:
             for index in range(reader.shape(key)[0]):
-                state[f"decoder.layers.{index}.{match.group(1)}"] = LayerSlice(reader, key, index)
+                layer_name = canonical_name(f"{match.group(1)}.{index}.{match.group(2)}")
+                state[layer_name] = LayerSlice(reader, key, index)
         else:
             state[name] = ReaderTensor(reader, key)
     return state

@@ -365,11 +365,12 @@ WRITER = Path(__file__).with_name("mcore_writer.py")
 def test_megatron_core_written_checkpoint(tmp_path, backend):
     """megatron-core's own dist_checkpointing.save (gloo, one rank, CPU). Its zarr backend is gone from
     current megatron-core; NEMOLITE_TEST_MCORE_ZARR_PATH may name a site dir holding megatron-core 0.10,
-    zarr 2, numcodecs<0.16 and tensorstore, prepended to PYTHONPATH for the zarr case."""
+    zarr 2, numcodecs<0.16 and tensorstore, prepended to PYTHONPATH for the zarr case (and
+    NEMOLITE_TEST_MCORE_PATH one holding current megatron-core, as .ci/run installs it)."""
     env = dict(os.environ)
-    if backend == "zarr" and os.environ.get("NEMOLITE_TEST_MCORE_ZARR_PATH"):
-        env["PYTHONPATH"] = os.pathsep.join([os.environ["NEMOLITE_TEST_MCORE_ZARR_PATH"],
-                                             env.get("PYTHONPATH", "")])
+    site = os.environ.get("NEMOLITE_TEST_MCORE_ZARR_PATH" if backend == "zarr" else "NEMOLITE_TEST_MCORE_PATH")
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join([site, env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-W", "ignore", str(WRITER), str(tmp_path / "ck"), backend],
                             env=env, capture_output=True, text=True, timeout=240)
     if result.returncode == 77:
