@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
+    plan = commands.add_parser("plan", help="how a model splits over GPUs, from its config alone",
+                               description="For each tensor x pipeline layout of --gpus GPUs: weights and KV "
+                                           "cache per GPU, the longest context and the batch that fit.")
+    plan.add_argument("model", metavar="MODEL", help="HF directory (config.json) or NeMo checkpoint")
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU, e.g. 80 or 141")
+    plan.add_argument("--dtype", default="bfloat16", help="weights: bfloat16, float16, float32 or fp8")
+    plan.add_argument("--kv-dtype", default=None, help="KV cache (default: --dtype)")
+    plan.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                      help="share of each GPU nemolite may use (default 0.9)")
+
     from nemolite.bench import WORKLOADS
 
     bench = commands.add_parser("bench", help="measure nemolite against transformers on named workloads",
@@ -233,12 +244,22 @@ def run_convert(args) -> int:
     return 0
 
 
+def run_plan(args) -> int:
+    from nemolite.checkpoint import model_config
+    from nemolite.plan import format_plan, plan
+
+    config = model_config(args.model)
+    layouts = plan(config, args.gpus, args.gpu_memory, args.dtype, args.kv_dtype, args.gpu_memory_utilization)
+    print(format_plan(config, layouts, args.gpus, args.gpu_memory, args.dtype))
+    return 0 if any(layout.fits for layout in layouts) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"generate": run_generate, "chat": run_chat, "serve": run_serve, "convert": run_convert,
-                "bench": run_bench}
+                "plan": run_plan, "bench": run_bench}
     try:
         return handlers[args.command](args)
     except NemoliteError as error:

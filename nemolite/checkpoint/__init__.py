@@ -46,3 +46,15 @@ def load_checkpoint(path: Path, dtype: str | torch.dtype = "auto", device: torch
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_config(model: str | Path):
+    """The ModelConfig of an HF directory or a NeMo checkpoint, reading no weights."""
+    from nemolite.checkpoint.nemo import NemoCheckpoint, is_nemo_checkpoint
+    from nemolite.config import load_config
+
+    path = resolve_model_path(model)
+    if is_nemo_checkpoint(path):
+        with NemoCheckpoint(path) as checkpoint:
+            return checkpoint.config
+    return load_config(path)
