@@ -155,10 +155,9 @@ def main(out: str, tokenizer: str, zarr: bool) -> None:
         import megatron.core  # noqa: F401
     except ImportError:
         sys.exit(77)
-    if not torch.cuda.is_available():  # megatron's writer syncs/places a flag on the GPU; CPU stand-ins
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-        torch.cuda.current_device = lambda: "cpu"
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from mcore_cpu import megatron_on_cpu  # beside this script
+
+    megatron_on_cpu()
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(1, 1)

@@ -21,10 +21,9 @@ def main(out: str, backend: str) -> None:
         from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     except ImportError:
         sys.exit(77)
-    if not torch.cuda.is_available():  # megatron's writer syncs/places a flag on the GPU; CPU stand-ins
-        torch.cuda.synchronize = lambda *args, **kwargs: None
-        torch.cuda.current_device = lambda: "cpu"
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from mcore_cpu import megatron_on_cpu  # beside this script
+
+    megatron_on_cpu()
     torch.manual_seed(0)
     qkv = torch.randn(LAYERS, 12, 8).bfloat16()  # stacked layers, split in two along dim 1 like TP=2
     norm = torch.randn(LAYERS, 8)
