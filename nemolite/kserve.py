@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from nemolite.json_body import parse_json_object
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 FIXED_WIDTH = {"BOOL": np.dtype("?"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
@@ -176,18 +178,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
                               f"length of the JSON header at the start of the body")
         json_part, rest = body[:length], body[length:]
     try:
-        header = json.loads(json_part)
-    except UnicodeDecodeError:
-        raise TensorError("the JSON header is not valid UTF-8") from None
-    except json.JSONDecodeError as error:
+        header = parse_json_object(json_part, "the JSON header")
+    except ValueError as error:
         hint = f" (is {HEADER_LENGTH} right?)" if header_length is not None else ""
-        raise TensorError(f"the JSON header is not valid JSON{hint}: {error}") from None
-    except RecursionError:
-        raise TensorError("the JSON header is nested too deeply") from None
-    except ValueError as error:  # e.g. an integer of more than 4300 digits
-        raise TensorError(f"the JSON header holds a value Python cannot read: {error}") from None
-    if not isinstance(header, dict):
-        raise TensorError("the JSON header must be an object")
+        raise TensorError(f"{error}{hint}") from None
     return header, rest
 
 

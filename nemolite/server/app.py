@@ -25,6 +25,7 @@ from nemolite.engine.async_llm import AsyncLLM, EngineDeadError
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.errors import NemoliteError
+from nemolite.json_body import parse_json_object
 from nemolite.server.metrics import Metrics
 
 log = logging.getLogger("nemolite.server")
@@ -108,20 +109,10 @@ def engine_call(function: Callable[..., Any], *args, **kwargs) -> Any:
 
 async def read_json_object(request: Request) -> dict:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
-    body = await request.body()
     try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise RequestError("the request body is not valid UTF-8") from None
-    except json.JSONDecodeError as error:
-        raise RequestError(f"the request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise RequestError("the request body is nested too deeply") from None
-    except ValueError as error:  # e.g. an integer of more than 4300 digits
-        raise RequestError(f"the request body holds a value Python cannot read: {error}") from None
-    if not isinstance(data, dict):
-        raise RequestError("the request body must be a JSON object")
-    return data
+        return parse_json_object(await request.body(), "the request body")
+    except ValueError as error:
+        raise RequestError(str(error)) from None
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:

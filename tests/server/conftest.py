@@ -77,16 +77,19 @@ def live_server(demo_engine):
     stop_server(server, thread)
 
 
+def wait_until_idle(engine: AsyncLLM, timeout: float = 10.0) -> dict:
+    """Wait until ``engine`` has no request left and every KV block is free again; its stats then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine.stats()
+        if engine.num_requests == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine not idle: {engine.num_requests} requests, {stats}")
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def wait_idle(demo_engine):
-    """Call to wait until the engine has no request left and every KV block is free again."""
-    def wait(timeout: float = 10.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = demo_engine.stats()
-            if demo_engine.num_requests == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
-                return stats
-            if time.monotonic() > deadline:
-                raise AssertionError(f"engine not idle: {demo_engine.num_requests} requests, {stats}")
-            time.sleep(0.02)
-    return wait
+    """Call to wait until the shared engine is idle (see wait_until_idle)."""
+    return lambda timeout=10.0: wait_until_idle(demo_engine, timeout)

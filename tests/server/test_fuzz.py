@@ -25,7 +25,7 @@ from nemolite.engine.async_llm import AsyncLLM
 from nemolite.engine.sampling_params import SamplingParams
 
 from tests.conftest import DEVICE
-from tests.server.conftest import MODEL_NAME, start_server, stop_server
+from tests.server.conftest import MODEL_NAME, start_server, stop_server, wait_until_idle
 
 SEED = 20240611
 CASES_PER_ROUTE = 60
@@ -397,17 +397,6 @@ def fuzz_server():
     engine.shutdown()
 
 
-def _wait_idle(engine: AsyncLLM, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = engine.stats()
-        if engine.num_requests == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]:
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"engine not idle: {engine.num_requests} requests, {stats}")
-        time.sleep(0.02)
-
-
 def test_fuzz_no_server_errors(fuzz_server, demo_llm, caplog):
     caplog.set_level(logging.CRITICAL, logger="nemolite.server")  # each 500's stack trace; the report names them
     cases = build_cases()
@@ -427,7 +416,7 @@ def test_fuzz_no_server_errors(fuzz_server, demo_llm, caplog):
     assert response.status_code == 200, response.text
     expected = demo_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
     assert response.json()["choices"][0]["text"] == expected.outputs[0].text
-    stats = _wait_idle(fuzz_server.engine)
+    stats = wait_until_idle(fuzz_server.engine, timeout=30.0)
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
