@@ -155,9 +155,9 @@ def _top(tokenizer: Tokenizer, previous: int | None, entry: dict[int, Logprob]) 
 class _TextTracker:
     """Token texts and their offsets in the running text, so that the tokens join to the text."""
 
-    def __init__(self, tokenizer: Tokenizer, start: int = 0):
+    def __init__(self, tokenizer: Tokenizer):
         self.detokenizer = IncrementalDetokenizer(tokenizer, [])
-        self.offset = start
+        self.offset = 0
 
     def push(self, token_id: int) -> tuple[str, int]:
         text, offset = self.detokenizer.push(token_id), self.offset
@@ -165,23 +165,24 @@ class _TextTracker:
         return text, offset
 
 
-def _completion_logprobs(state: ServerState, prompt_ids: list[int], output: RequestOutput,
-                         completion: CompletionOutput, echo: bool, first: int = 0) -> dict:
-    """OpenAI's legacy logprobs object for positions ``first`` onward (``first`` > 0 when streaming)."""
-    tokenizer = state.tokenizer
-    ids: list[int] = []
-    entries: list[dict[int, Logprob] | None] = []
+def _scored_positions(output: RequestOutput, completion: CompletionOutput,
+                      echo: bool) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+    """Token ids and their logprob entries: the prompt's too with ``echo`` (its first entry None)."""
+    ids, entries = list(completion.token_ids), list(completion.logprobs or [])
     if echo:
-        ids += prompt_ids
-        entries += output.prompt_logprobs or [None] * len(prompt_ids)
-    ids += completion.token_ids
-    entries += completion.logprobs or []
-    tracker = _TextTracker(tokenizer)
+        ids = output.prompt_token_ids + ids
+        entries = (output.prompt_logprobs or [None] * len(output.prompt_token_ids)) + entries
+    return ids, entries
+
+
+def _completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list[dict[int, Logprob] | None],
+                         tracker: _TextTracker, first: int = 0) -> dict:
+    """OpenAI's legacy logprobs object for positions ``first`` onward; ``tracker`` has seen the positions
+    before ``first`` (a stream keeps one per choice, so no chunk re-reads the text before it)."""
     result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for position, (token_id, entry) in enumerate(zip(ids, entries)):
+    for position in range(first, min(len(ids), len(entries))):
+        token_id, entry = ids[position], entries[position]
         text, offset = tracker.push(token_id)
-        if position < first:
-            continue
         previous = ids[position - 1] if position else None
         result["tokens"].append(text)
         result["text_offset"].append(offset)
@@ -317,7 +318,8 @@ async def completions(body: CompletionRequest, request: Request):
                 "index": prompt_index * body.n + completion.index,
                 "text": (prompt_text if body.echo else "") + completion.text,
                 "logprobs": None if body.logprobs is None else
-                _completion_logprobs(state, ids, output, completion, body.echo),
+                _completion_logprobs(state.tokenizer, *_scored_positions(output, completion, body.echo),
+                                     _TextTracker(state.tokenizer)),
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason})
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": _usage(sum(len(ids) for _, ids in prompts), completion_tokens)}
@@ -328,6 +330,7 @@ async def _stream_completions(state: ServerState, body: CompletionRequest, promp
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     closed: set[int] = set()
+    trackers: dict[int, _TextTracker] = {}
     completion_tokens = 0
 
     def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
@@ -341,7 +344,6 @@ async def _stream_completions(state: ServerState, body: CompletionRequest, promp
             for j in range(body.n):
                 yield chunk(prompt_index * body.n + j, prompt_text, None, None)
     async for prompt_index, output in _merged(state, jobs):
-        ids = prompts[prompt_index][1]
         for completion in output.outputs:
             index = prompt_index * body.n + completion.index
             if index in closed:
@@ -352,7 +354,9 @@ async def _stream_completions(state: ServerState, body: CompletionRequest, promp
                 continue
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(state, ids, output, completion, echo=False, first=first)
+                tracker = trackers.setdefault(index, _TextTracker(state.tokenizer))
+                logprobs = _completion_logprobs(state.tokenizer, *_scored_positions(output, completion, echo=False),
+                                                tracker, first)
             sent_text[index], sent_tokens[index] = len(completion.text), len(completion.token_ids)
             yield chunk(index, completion.text[start:], logprobs, completion.finish_reason)
             if finished:
@@ -368,15 +372,14 @@ def _chat_logprobs(state: ServerState, prompt_ids: list[int], completion: Comple
                    first: int = 0) -> dict:
     tokenizer = state.tokenizer
     content = []
-    previous = prompt_ids[-1] if prompt_ids else None
-    for position, (token_id, entry) in enumerate(zip(completion.token_ids, completion.logprobs or [])):
-        if position >= first:
-            text = _piece(tokenizer, previous, token_id)
-            ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:top_n]
-            top = [{"token": (t := _piece(tokenizer, previous, tid)), "logprob": value.logprob,
-                    "bytes": list(t.encode())} for tid, value in ranked]
-            content.append({"token": text, "logprob": entry[token_id].logprob, "bytes": list(text.encode()),
-                            "top_logprobs": top})
+    previous = completion.token_ids[first - 1] if first else (prompt_ids[-1] if prompt_ids else None)
+    for token_id, entry in zip(completion.token_ids[first:], (completion.logprobs or [])[first:]):
+        text = _piece(tokenizer, previous, token_id)
+        ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:top_n]
+        top = [{"token": (t := _piece(tokenizer, previous, tid)), "logprob": value.logprob,
+                "bytes": list(t.encode())} for tid, value in ranked]
+        content.append({"token": text, "logprob": entry[token_id].logprob, "bytes": list(text.encode()),
+                        "top_logprobs": top})
         previous = token_id
     return {"content": content}
 

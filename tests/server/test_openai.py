@@ -259,3 +259,25 @@ def test_streaming_several_prompts_and_choices(client):
                 finished[choice.index] = choice.finish_reason
     assert texts == {c.index: c.text for c in whole.choices}
     assert sorted(finished) == [0, 1, 2, 3]
+
+
+def test_streamed_logprobs_equal_the_whole_response(client):
+    whole = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=2)
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0,
+                                            logprobs=2, stream=True))
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for key in streamed:
+            streamed[key] += getattr(chunk.choices[0].logprobs, key)
+    expected = whole.choices[0].logprobs
+    assert streamed["tokens"] == expected.tokens and streamed["text_offset"] == expected.text_offset
+    assert streamed["token_logprobs"] == expected.token_logprobs
+    assert streamed["top_logprobs"] == expected.top_logprobs
+    messages = [{"role": "user", "content": "Hi"}]
+    whole_chat = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=2)
+    streamed_chat = [item for chunk in client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed_chat] == \
+        [(i.token, i.logprob) for i in whole_chat.choices[0].logprobs.content]
