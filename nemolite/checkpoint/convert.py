@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nemolite.checkpoint.hf import INDEX_FILE, checkpoint_entries, read_into
+from nemolite.checkpoint.hf import INDEX_FILE, checkpoint_entries, read_into, resolve_dtype
 from nemolite.errors import NemoliteError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -85,21 +85,16 @@ def open_source(path: str | Path) -> TensorSource:
                         "nor a Hugging Face directory with config.json")
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def convert(source: str | Path, destination: str | Path, dtype: str | None = None,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool = True) -> Path:
     """Write ``source`` as an HF checkpoint at ``destination``; returns the destination path."""
     destination = Path(destination).expanduser()
     if destination.exists() and any(destination.iterdir()) and not overwrite:
         raise NemoliteError(f"{destination} exists and is not empty; pass --overwrite or choose another path")
-    if dtype is not None and dtype not in _DTYPES:
-        raise NemoliteError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    target_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, config=None)  # None: keep
     if max_shard_bytes < 1:
         raise NemoliteError("the shard size must be positive")
     src = open_source(source)
-    target_dtype = _DTYPES.get(dtype)
     partial = destination.with_name(destination.name + ".partial")
     try:
         if partial.exists():
@@ -108,7 +103,7 @@ def convert(source: str | Path, destination: str | Path, dtype: str | None = Non
         weight_map, total_size = _write_shards(src, partial, target_dtype, max_shard_bytes, progress)
         config = dict(src.hf_config)
         if target_dtype is not None:
-            config["torch_dtype"] = dtype
+            config["torch_dtype"] = str(target_dtype).removeprefix("torch.")
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in src.extra_files:
             shutil.copyfile(file, partial / file.name)

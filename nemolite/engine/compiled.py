@@ -4,9 +4,10 @@ Decode is bound by reading the weights, and eager PyTorch pays per-operator over
 of a plain bf16 GEMV. Compiled with inductor's freezing, the weights become constants that
 oneDNN prepacks, and the ~40 small operators of a layer fuse into a few kernels.
 
-The graph mutates nothing: each layer attends over the sequence's cached positions
-(gathered from the paged cache by slot) plus its own new key, and returns the new keys and
-values, which the runner writes into the cache afterwards. Batch sizes are padded to a few
+The graph mutates nothing: each layer attends over the sequence's cached positions (on the
+CPU read in place by ``nemolite::decode_attention``, elsewhere gathered from the paged cache by
+slot) plus its own new key, and returns the new keys and values, which the runner writes into
+the cache afterwards. Batch sizes are padded to a few
 buckets and the context length is a dynamic dimension, so graphs are reused.
 """
 
@@ -38,8 +39,9 @@ class _GraphAttention:
         self.context_slots = context_slots  # [B, S] slots of the positions before the new token
         self.lengths = lengths  # [B] how many of them are filled
         self.paged_kernel = paged_kernel
-        # [B, 1, 1, S + 1]: the filled context positions, then the new token itself.
-        self.mask = torch.cat([context_mask, torch.ones_like(context_mask[:, :1])], dim=1)[:, None, None, :]
+        # [B, 1, 1, S + 1]: the filled context positions, then the new token itself (the kernel uses lengths).
+        self.mask = None if paged_kernel else \
+            torch.cat([context_mask, torch.ones_like(context_mask[:, :1])], dim=1)[:, None, None, :]
         self.new_keys: list[torch.Tensor] = []
         self.new_values: list[torch.Tensor] = []
 
