@@ -236,7 +236,7 @@ async def _stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
-    except (RequestError, Exception) as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001
         message = error.message if isinstance(error, RequestError) else str(error)
         yield _sse({"error": {"message": message, "type": "server_error", "code": 500}})
         yield _sse("[DONE]")

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import random
-import time
 
 import pytest
 import requests
