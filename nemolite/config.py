@@ -62,6 +62,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = dataclasses.field(default_factory=list)
     torch_dtype: str | None = None
+    # A reward model's head outputs, in order (HF *ForSequenceClassification, NeMo rm_head); empty for an LM.
+    reward_attributes: tuple[str, ...] = ()
+
+    @property
+    def is_reward_model(self) -> bool:
+        return bool(self.reward_attributes)
 
     @property
     def num_layers(self) -> int:
@@ -183,7 +189,25 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        reward_attributes=_reward_attributes(raw, architectures),
     ).validate()
+
+
+def _reward_attributes(raw: dict[str, Any], architectures: list[str]) -> tuple[str, ...]:
+    """A sequence-classification checkpoint is a reward model: one output per label, named by ``id2label``
+    unless those are HF's placeholder ``LABEL_i`` names."""
+    if not any(str(name).endswith("ForSequenceClassification") for name in architectures):
+        return ()
+    id2label = raw.get("id2label") or {}
+    count = raw.get("num_labels") or len(id2label)
+    if not isinstance(count, int) or count < 1:
+        raise NemoliteError("a *ForSequenceClassification config needs 'num_labels' (or 'id2label') >= 1")
+    names = [id2label.get(str(i), id2label.get(i)) for i in range(count)]
+    if all(isinstance(name, str) for name in names) and names != [f"LABEL_{i}" for i in range(count)]:
+        return tuple(names)
+    from nemolite.reward import attribute_names
+
+    return attribute_names(count)
 
 
 def _require(raw: dict[str, Any], field: str) -> Any:

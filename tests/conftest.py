@@ -91,6 +91,26 @@ def make_nemotron(directory: Path, *, tokenizer: bool = True, dtype: torch.dtype
     return directory
 
 
+def make_reward_model(directory: Path, num_labels: int = 9, **overrides) -> Path:
+    """A random HF NemotronForSequenceClassification (the format ``nemolite convert`` writes a NeMo reward
+    model in) with a SentencePiece tokenizer; nemolite's ATTRIBUTES name its nine outputs."""
+    from transformers import NemotronConfig, NemotronForSequenceClassification
+
+    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    bos_token_id=2, eos_token_id=3, pad_token_id=0, num_labels=num_labels)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = NemotronForSequenceClassification(NemotronConfig(**settings)).eval()
+    randomize_norms(model)
+    with torch.no_grad():  # outputs of order 1, like a trained head's, so that differences show
+        model.score.weight.normal_(0.0, 0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    write_sentencepiece(directory)
+    return directory
+
+
 def make_llama(directory: Path, *, tokenizer: bool = True, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,6 +133,11 @@ def make_llama(directory: Path, *, tokenizer: bool = True, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def nemotron_dir(tmp_path_factory) -> Path:
     return make_nemotron(tmp_path_factory.mktemp("nemotron"))
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(tmp_path_factory) -> Path:
+    return make_reward_model(tmp_path_factory.mktemp("reward_model"))
 
 
 @pytest.fixture(scope="session")

@@ -110,14 +110,16 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = CausalLM(config)
-    model = model.to(torch_dtype).to_empty(device=device)
-    model.tie_weights()
+    model.materialize(torch_dtype, device)
     params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
     move_to_huge_pages(list(params.values()), copy=False)  # faster streaming of the weights on the CPU
     entries = checkpoint_entries(path)
     expected = set(params)
     if config.tie_word_embeddings:
         entries.pop("lm_head.weight", None)
+    if config.is_reward_model and "score.bias" not in entries:  # transformers' score head has no bias
+        expected.discard("score.bias")
+        model.score.bias.data.zero_()
     missing = sorted(expected - entries.keys())
     unexpected = sorted(entries.keys() - expected)
     if missing or unexpected:

@@ -27,6 +27,7 @@ from nemolite.checkpoint.nemo_weights import read_weights
 from nemolite.config import config_from_hf
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
+from nemolite.reward import reward_model_hf_config
 
 CONFIG_FILE = "model_config.yaml"
 # MCore per-layer names → HF per-layer names, for tensors copied unchanged (norms may get -1 below).
@@ -47,8 +48,9 @@ GLOBAL_NAMES = {
     "output_layer.weight": "lm_head.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
     "decoder.final_layernorm.bias": "model.norm.bias",
+    "rm_head.weight": "score.weight",  # NeMo-Aligner's regression reward head
+    "rm_head.bias": "score.bias",
 }
-REWARD_HEAD = ("rm_head.weight", "rm_head.bias")
 
 
 def is_nemo_checkpoint(path: str | Path) -> bool:
@@ -77,7 +79,6 @@ class NemoCheckpoint:
         self.facts = nemo_model_facts(self.raw_config)
         self.tokenizer_dir, bos, eos, tokenizer_size = self._tokenizer()
         self.state = read_weights(archive, self.facts.gated_mlp)
-        self.reward_head = {name.split(".")[-1]: self.state.pop(name) for name in REWARD_HEAD if name in self.state}
         embedding = self.state.get("embedding.word_embeddings.weight")
         if embedding is None:
             raise NemoliteError(f"{archive.path} has no embedding.word_embeddings.weight; the checkpoint is "
@@ -90,6 +91,8 @@ class NemoCheckpoint:
         dtype = str(embedding.dtype).removeprefix("torch.")
         self.hf_config = hf_config_from_nemo(self.raw_config, vocab, "output_layer.weight" not in self.state,
                                              bos, eos, dtype)
+        if "rm_head.weight" in self.state:
+            self.hf_config = reward_model_hf_config(self.hf_config, self.state["rm_head.weight"].shape[0])
         self.config = config_from_hf(self.hf_config)
 
     def _tokenizer(self) -> tuple[Path | None, int | None, int | None, int | None]:
@@ -135,7 +138,8 @@ class NemoCheckpoint:
 
     def _hf_names(self, name: str) -> list[str]:
         if name in GLOBAL_NAMES:
-            return [] if name == "output_layer.weight" and self.config.tie_word_embeddings else [GLOBAL_NAMES[name]]
+            unused = self.config.tie_word_embeddings or self.config.is_reward_model  # a reward model has no LM head
+            return [] if name == "output_layer.weight" and unused else [GLOBAL_NAMES[name]]
         match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
         if not match:
             return [name]
@@ -195,14 +199,13 @@ def _is_norm_weight(name: str) -> bool:
 
 
 class LoadedNemo(NamedTuple):
-    model: CausalLM
+    model: CausalLM  # a reward model (rm_head) carries its head as ``model.score``
     tokenizer: object | None  # nemolite.tokenizer.Tokenizer, or None when the checkpoint has none
-    reward_head: dict[str, torch.Tensor]  # {"weight": [A, D], "bias": [A]} for reward models, else {}
 
 
 def load_nemo_model(path: str | Path, dtype: str | torch.dtype = "auto",
                     device: str | torch.device | None = None, tokenizer: str | Path | None = None) -> LoadedNemo:
-    """Load a NeMo checkpoint into a ready ``CausalLM`` (eval mode), its tokenizer and any reward head."""
+    """Load a NeMo checkpoint into a ready ``CausalLM`` (eval mode) and its tokenizer."""
     from nemolite.checkpoint import default_device
     from nemolite.tokenizer import Tokenizer
 
@@ -212,8 +215,7 @@ def load_nemo_model(path: str | Path, dtype: str | torch.dtype = "auto",
         torch_dtype = resolve_dtype(dtype, config)
         with torch.device("meta"):
             model = CausalLM(config)
-        model = model.to(torch_dtype).to_empty(device=device)
-        model.tie_weights()
+        model.materialize(torch_dtype, device)
         params = dict(model.named_parameters())
         move_to_huge_pages(list(params.values()), copy=False)
         filled, unexpected = set(), []
@@ -231,14 +233,13 @@ def load_nemo_model(path: str | Path, dtype: str | torch.dtype = "auto",
         if missing or unexpected:
             raise NemoliteError(f"NeMo checkpoint {path} does not match its model_config.yaml: missing tensors "
                                 f"{_short(missing)}; unexpected tensors {_short(unexpected)}")
-        reward_head = {key: lazy.read() for key, lazy in checkpoint.reward_head.items()}
         tokenizer_dir = tokenizer or checkpoint.tokenizer_dir
         loaded_tokenizer = None
         if tokenizer_dir is not None:
             loaded_tokenizer = Tokenizer.from_pretrained(tokenizer_dir, model_type=config.model_type,
                                                          bos_token_id=config.bos_token_id,
                                                          eos_token_ids=config.eos_token_ids)
-    return LoadedNemo(model.eval(), loaded_tokenizer, reward_head)
+    return LoadedNemo(model.eval(), loaded_tokenizer)
 
 
 def _short(names: list[str], limit: int = 12) -> str:

@@ -40,6 +40,21 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(conversation) for conversation in conversations]
         return self._run([(p, self.tokenizer.encode(p, add_bos=False), params) for p in prompts], use_tqdm)
 
+    def reward(self, conversations: list[dict] | list[list[dict]], weights=None,
+               use_tqdm: bool = True) -> list[dict]:
+        """Score one conversation or several with a reward model: the last message of each is the assistant
+        response scored. Returns ``{"attributes": {name: value}, "score": weighted score}`` per conversation
+        (weights: a list in head order or ``{attribute: weight}``; default HelpSteer2's)."""
+        from nemolite.reward import resolve_weights, reward_prompt, reward_result
+
+        conversations = conversations if conversations and isinstance(conversations[0], list) else [conversations]
+        names = self.config.reward_attributes
+        weights = resolve_weights(weights, names)
+        params = SamplingParams(reward=True)
+        prompts = [reward_prompt(conversation) for conversation in conversations]
+        outputs = self._run([(p, self.tokenizer.encode(p, add_bos=False), params) for p in prompts], use_tqdm)
+        return [reward_result(output.reward, names, weights) for output in outputs]
+
     def chat_params(self, sampling_params: SamplingParams | None) -> SamplingParams:
         """The caller's parameters plus the template's end-of-turn stops."""
         return with_chat_stops(self.tokenizer, sampling_params or SamplingParams())

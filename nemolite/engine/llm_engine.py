@@ -57,7 +57,8 @@ class Request:
                              [_snapshot(seq) for seq in self.seqs], finished=final,
                              prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
                              prompt_full_logprobs=None if self.seqs[0].prompt_full_logprobs is None
-                             else list(self.seqs[0].prompt_full_logprobs))
+                             else list(self.seqs[0].prompt_full_logprobs),
+                             reward=self.seqs[0].reward)
 
     @property
     def finished(self) -> bool:
@@ -131,7 +132,8 @@ class LLMEngine:
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
         for seq in seqs:
-            scored = seq.index == 0 and params.prompt_logprobs is not None  # the prompt runs only to be scored
+            # The prompt runs only to be scored (prompt logprobs or a reward).
+            scored = seq.index == 0 and (params.prompt_logprobs is not None or params.reward)
             if params.max_tokens == 0 and not scored:
                 seq.output.finish_reason = "length"
                 self.scheduler.finish(seq)
@@ -147,6 +149,10 @@ class LLMEngine:
         if len(prompt_token_ids) >= context:
             raise NemoliteError(f"the prompt has {len(prompt_token_ids)} tokens but the model's context is "
                                 f"{context}; shorten the prompt")
+        if params.reward != self.config.is_reward_model:
+            raise NemoliteError("this is a reward model: it scores conversations (POST /v1/reward) and generates "
+                                "no text" if self.config.is_reward_model else
+                                "this model has no reward head; serve a reward model to score responses")
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise NemoliteError(f"prompt token ids must be in [0, {vocab})")
@@ -186,6 +192,10 @@ class LLMEngine:
             self.block_manager.mark_computed(seq, num_tokens)
             if seq.num_output_tokens == 0:
                 self.num_prompt_tokens += num_tokens
+        if self.config.is_reward_model:  # the rows are rewards, not logits
+            for row, seq in enumerate(samplers):
+                seq.reward = logits[row].tolist()
+            logits = logits[:0]
         if any(seq.params.max_tokens == 0 for seq in samplers):  # prompts run only to be scored
             keep = [row for row, seq in enumerate(samplers) if seq.params.max_tokens != 0]
             for seq in samplers:

@@ -38,3 +38,5 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # With prompt_logprobs and full_logprobs: the [V] logprob row that scored each prompt token after the first.
     prompt_full_logprobs: list | None = None
+    # With SamplingParams.reward: the reward model's value of each attribute (ModelConfig.reward_attributes).
+    reward: list[float] | None = None

@@ -31,7 +31,7 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.decoder = None
-        if compile:
+        if compile and model.lm_head is not None:  # a reward model only prefills: nothing to compile
             from nemolite.engine.compiled import CompiledDecoder
 
             self.decoder = CompiledDecoder(model)

@@ -29,6 +29,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (OpenAI echo)
     full_logprobs: bool = False  # also keep the whole-vocabulary logprob row of every scored position (NeMo all_probs)
     skip_special_tokens: bool = True
+    reward: bool = False  # score the prompt with a reward model's head instead of generating (max_tokens is 0)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -60,6 +61,10 @@ class SamplingParams:
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be a list of non-negative integers")
         need(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        if self.reward:
+            need(self.n == 1 and self.logprobs is None and self.prompt_logprobs is None,
+                 "a reward request scores its prompt once: n must be 1 and logprobs/prompt_logprobs unset")
+            self.max_tokens = self.min_tokens = 0
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20),

@@ -21,7 +21,7 @@ class Sequence:
 
     __slots__ = ("seq_id", "request_id", "index", "prompt_token_ids", "token_ids", "params", "status",
                  "block_table", "block_hashes", "num_computed_tokens", "num_cached_tokens", "generator",
-                 "output", "detokenizer", "prompt_logprobs", "prompt_full_logprobs", "waits_for")
+                 "output", "detokenizer", "prompt_logprobs", "prompt_full_logprobs", "waits_for", "reward")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, generator: torch.Generator):
@@ -44,6 +44,7 @@ class Sequence:
         self.prompt_logprobs: list | None = None
         self.prompt_full_logprobs: list | None = None
         self.waits_for: "Sequence | None" = None  # a sibling whose prompt blocks this one will reuse
+        self.reward: list[float] | None = None  # a reward model's attributes for the prompt (SamplingParams.reward)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -53,22 +53,41 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Decoder plus LM head; parameter names equal the Hugging Face checkpoint's keys."""
+    """Decoder plus its head; parameter names equal the Hugging Face checkpoint's keys.
+
+    A language model's head is ``lm_head`` (logits over the vocabulary). A reward model's is ``score``
+    (HF ``*ForSequenceClassification``, NeMo-Aligner ``rm_head``): a linear map with bias to one value
+    per attribute, kept and run in float32 as NeMo-Aligner's head defaults to; it has no ``lm_head``.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.is_reward_model:
+            self.lm_head = None
+            self.score = nn.Linear(config.hidden_size, len(config.reward_attributes), bias=True)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.score = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def materialize(self, dtype: torch.dtype, device: torch.device | str) -> "CausalLM":
+        """A model built on the meta device → uninitialised storage in ``dtype`` on ``device`` (a reward
+        head in float32), ready for a loader to fill."""
+        self.to(dtype).to_empty(device=device)
+        if self.score is not None:
+            self.score.float()
+        self.tie_weights()
+        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 last_only: bool = False, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] in the model dtype.
+        """input_ids [B, T] -> logits [B, T, V] in the model dtype (a reward model: fp32 rewards [B, T, A]).
 
         ``last_only`` keeps the last position ([B, 1, V]); ``logits_indices`` [K] keeps those
         positions of a single flattened batch ([1, K, V]), sparing the LM head everywhere else.
@@ -82,4 +101,6 @@ class CausalLM(nn.Module):
             hidden = hidden[:, -1:]
         elif logits_indices is not None:
             hidden = hidden[:, logits_indices]
+        if self.score is not None:
+            return self.score(hidden.float())
         return self.lm_head(hidden)

@@ -93,7 +93,7 @@ def test_megatron_core_gpt_logits(megatron, tmp_path, layout):
     archive = _pack(tree, tmp_path / "model.nemo")
     for source in (tree, archive):
         loaded = load_nemo_model(source, dtype=torch.float32, device="cpu")
-        assert loaded.tokenizer is not None and loaded.reward_head == {}
+        assert loaded.tokenizer is not None and loaded.model.score is None
         got = _logits(loaded.model, input_ids)
         assert got.shape == expected.shape
         assert (got - expected).abs().max().item() < TOLERANCE, source

@@ -212,15 +212,50 @@ def test_hf_tensors_and_config_for_conversion(hf_nemotron, tmp_path):
         assert torch.equal(tensors[name], tensor), name
 
 
-def test_reward_head_is_kept_aside(hf_nemotron, tmp_path):
+CONVERSATION = [{"role": "system", "content": "the model returns a value"},
+                {"role": "user", "content": "python reads files from disk"},
+                {"role": "assistant", "content": "each line ends with a newline character"}]
+
+
+def test_nemo_reward_model_scores_like_its_head_on_the_final_hidden_state(hf_nemotron, tmp_path):
+    """NeMo-Aligner's regression reward model: rm_head on the final-norm hidden state of the last token
+    (REFERENCE §1.5); the 340B checkpoint may also carry output_layer, which a reward model ignores."""
+    from transformers import NemotronForCausalLM, NemotronForSequenceClassification
+
+    from nemolite.checkpoint.convert import convert
+    from nemolite.engine.llm import LLM
+    from nemolite.reward import ATTRIBUTES, reward_prompt
+
     tree = write_nemo(hf_nemotron, tmp_path / "rm", as_tar=False)
     state = torch.load(tree / "model_weights.ckpt", weights_only=False)
-    state["model.rm_head.weight"], state["model.rm_head.bias"] = torch.randn(9, 64), torch.randn(9)
+    generator = torch.Generator().manual_seed(3)
+    head_weight, head_bias = torch.randn(9, 64, generator=generator), torch.randn(9, generator=generator)
+    state["model.rm_head.weight"], state["model.rm_head.bias"] = head_weight, head_bias
     state["model.rm_head._extra_state"] = None
     torch.save(state, tree / "model_weights.ckpt")
-    loaded = load_nemo_model(tree, dtype="float32", device="cpu")
-    assert torch.equal(loaded.reward_head["weight"], state["model.rm_head.weight"])
-    assert torch.equal(loaded.reward_head["bias"], state["model.rm_head.bias"])
+
+    llm = LLM(tree, dtype="float32", device="cpu")
+    assert llm.config.reward_attributes == ATTRIBUTES and llm.model.lm_head is None
+    scored = llm.reward(CONVERSATION, use_tqdm=False)[0]
+    ids = llm.tokenizer.encode(reward_prompt(CONVERSATION), add_bos=False)
+    assert ids[0] != llm.tokenizer.bos_token_id and ids[-1] != 3  # no BOS, no EOS
+    base = NemotronForCausalLM.from_pretrained(hf_nemotron, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = base.model(torch.tensor([ids])).last_hidden_state[0, -1]  # after the final LayerNorm1P
+    expected = hidden @ head_weight.T + head_bias
+    assert list(scored["attributes"]) == list(ATTRIBUTES)
+    assert torch.allclose(torch.tensor(list(scored["attributes"].values())), expected, atol=1e-4)
+    weights = [0, 0, 0, 0, 0.3, 0.74, 0.46, 0.47, -0.33]
+    assert scored["score"] == pytest.approx(float(expected @ torch.tensor(weights)), abs=1e-4)
+
+    # Exported as HF NemotronForSequenceClassification: transformers scores it (its head has no bias).
+    exported = convert(tree, tmp_path / "rm-hf")
+    with torch.no_grad():
+        logits = NemotronForSequenceClassification.from_pretrained(exported, dtype=torch.float32).eval()(
+            torch.tensor([ids])).logits[0]
+    assert torch.allclose(logits + head_bias, expected, atol=1e-4)
+    again = LLM(exported, dtype="float32", device="cpu").reward(CONVERSATION, use_tqdm=False)[0]
+    assert again["attributes"] == pytest.approx(scored["attributes"], abs=1e-5)
 
 
 def test_path_traversal_member_is_refused(hf_nemotron, tmp_path):
