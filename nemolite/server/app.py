@@ -26,6 +26,7 @@ from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.errors import NemoliteError
 from nemolite.json_body import parse_json_object
+from nemolite.reward import resolve_weights
 from nemolite.server.metrics import Metrics
 
 log = logging.getLogger("nemolite.server")
@@ -46,7 +47,8 @@ class RequestError(Exception):
 class ServerState:
     """What every protocol module needs: the engine, its tokenizer, the served name, admission, metrics."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(self, engine: AsyncLLM, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
+                 reward_weights: list[float] | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.config = engine.config
@@ -55,6 +57,8 @@ class ServerState:
         self.capacity = engine.engine.args.max_num_seqs + max_queue
         self.metrics = Metrics(engine.stats, model_name)
         self.created = int(time.time())
+        # A reward model's default attribute weights (None: HelpSteer2's for nine attributes, else uniform).
+        self.reward_weights = reward_weights
 
     def admit(self, count: int = 1) -> None:
         """Refuse work beyond the running batch plus the bounded queue (503: retry later)."""
@@ -172,11 +176,14 @@ def _validation_message(error: RequestValidationError) -> str:
 
 
 def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
-              max_queue: int = DEFAULT_MAX_QUEUE, shutdown_engine: bool = True) -> FastAPI:
+              max_queue: int = DEFAULT_MAX_QUEUE, shutdown_engine: bool = True,
+              reward_weights: list[float] | None = None) -> FastAPI:
     """The HTTP app over ``engine``; ``shutdown_engine`` stops the engine thread when the app stops."""
-    from nemolite.server import nemo, openai, triton
+    from nemolite.server import nemo, openai, reward, triton
 
-    state = ServerState(engine, model_name, max_queue)
+    if reward_weights is not None:
+        resolve_weights(reward_weights, engine.config.reward_attributes)  # a bad --reward-weights fails at start
+    state = ServerState(engine, model_name, max_queue, reward_weights)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -248,6 +255,7 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
 
     app.include_router(nemo.router)
     app.include_router(openai.router)
+    app.include_router(reward.router)
     app.include_router(triton.router)
     return app
 
@@ -269,12 +277,13 @@ def state_of(request: Request) -> ServerState:
 
 
 def serve(engine: AsyncLLM, model_name: str, host: str, port: int, *, api_key: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, graceful_timeout: float = 30.0) -> None:
+          max_queue: int = DEFAULT_MAX_QUEUE, graceful_timeout: float = 30.0,
+          reward_weights: list[float] | None = None) -> None:
     """Run the server until SIGINT/SIGTERM: new connections stop, in-flight requests get
     ``graceful_timeout`` seconds to finish and are then aborted, and the engine stops."""
     import uvicorn
 
-    app = build_app(engine, model_name, api_key=api_key, max_queue=max_queue)
+    app = build_app(engine, model_name, api_key=api_key, max_queue=max_queue, reward_weights=reward_weights)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=graceful_timeout)
     uvicorn.Server(config).run()

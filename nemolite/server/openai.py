@@ -30,15 +30,15 @@ router = APIRouter()
 MAX_N = 128
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class _SamplingFields(_Body):
+class _SamplingFields(Body):
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=100)
@@ -67,7 +67,7 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
@@ -81,20 +81,20 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(Body):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(Body):
     tokens: list[int]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _check_model(state: ServerState, model: str | None) -> None:
+def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in (state.model_name, ""):
         raise RequestError(f"the model {model!r} does not exist; this server serves '{state.model_name}'", 404)
 
@@ -255,7 +255,7 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    _check_model(state, model_id)
+    check_model(state, model_id)
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nemolite",
             "max_model_len": state.max_model_len}
 
@@ -283,7 +283,7 @@ def _completion_prompts(state: ServerState, prompt) -> list[tuple[str | None, li
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
-    _check_model(state, body.model)
+    check_model(state, body.model)
     if body.suffix:
         raise RequestError("suffix is not supported")
     if body.best_of is not None and body.best_of != body.n:
@@ -387,7 +387,11 @@ def _chat_logprobs(state: ServerState, prompt_ids: list[int], completion: Comple
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
-    _check_model(state, body.model)
+    check_model(state, body.model)
+    if state.config.is_reward_model:
+        from nemolite.server import reward  # imports this module
+
+        return await reward.chat_completion(state, body, request)
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
     prompt = engine_call(state.tokenizer.apply_chat_template, messages, body.add_generation_prompt)
     ids = engine_call(state.tokenizer.encode, prompt, add_bos=False)

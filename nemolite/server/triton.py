@@ -8,6 +8,8 @@ input's first element, ``stop_words_list``/``bad_words_list``/``end_strings`` ar
 whatever their shape, unknown inputs are ignored, and defaults are the TensorRT-LLM deployable's
 (64 tokens, top_k 1, so greedy unless the client says otherwise). Unlike NeMo, a request nemolite
 cannot run answers 4xx ``{"error": ...}`` instead of an in-band "An error occurred" string.
+
+A reward model is served instead as NeMo-Aligner's reward server serves it: model ``reward_model``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from nemolite.engine.sampling_params import SamplingParams
 from nemolite.kserve import HEADER_LENGTH, TensorError, pack, read_tensors, split_body, tensor_to_bytes
 from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
 from nemolite.server.nemo import nemo_sampling_params
+from nemolite.server.reward import score
 
 router = APIRouter()
 
@@ -41,6 +44,12 @@ INPUTS = [("prompts", "TYPE_STRING", "BYTES"), ("max_output_len", "TYPE_INT64", 
           ("bad_words_list", "TYPE_STRING", "BYTES"), ("end_strings", "TYPE_STRING", "BYTES"),
           ("output_context_logits", "TYPE_BOOL", "BOOL"), ("output_generation_logits", "TYPE_BOOL", "BOOL")]
 OUTPUTS = [("outputs", "TYPE_STRING", "BYTES")]  # the TYPE_STRING output first: NemoQueryLLM reads outputs[0]
+# A reward model is served as NeMo-Aligner's reward server serves it (REFERENCE §7.1): model "reward_model",
+# formatted ``sentences`` (or ``tokens`` + ``sequence_lengths``) in, one FP32 row of attributes out per input.
+REWARD_MODEL_NAME = "reward_model"
+REWARD_INPUTS = [("sentences", "TYPE_STRING", "BYTES"), ("tokens", "TYPE_INT64", "INT64"),
+                 ("sequence_lengths", "TYPE_INT64", "INT64")]
+REWARD_OUTPUTS = [("rewards", "TYPE_FP32", "FP32")]
 
 
 @dataclasses.dataclass(slots=True)
@@ -58,9 +67,18 @@ class InferRequest:
     stop: list[str] = dataclasses.field(default_factory=list)
 
 
+def _model_name(state: ServerState) -> str:
+    return REWARD_MODEL_NAME if state.config.is_reward_model else state.model_name
+
+
+def _tables(state: ServerState) -> tuple[list, list]:
+    """The served model's (inputs, outputs): (name, Triton config type, KServe datatype) each."""
+    return (REWARD_INPUTS, REWARD_OUTPUTS) if state.config.is_reward_model else (INPUTS, OUTPUTS)
+
+
 def _check_model(state: ServerState, name: str, version: str | None = None) -> None:
-    if name != state.model_name:
-        raise RequestError(f"unknown model '{name}'; this server serves '{state.model_name}'", 404)
+    if name != _model_name(state):
+        raise RequestError(f"unknown model '{name}'; this server serves '{_model_name(state)}'", 404)
     if version not in (None, "", VERSION):
         raise RequestError(f"model '{name}' has no version '{version}'; it has version {VERSION}", 404)
 
@@ -152,26 +170,26 @@ def sampling_params(request: InferRequest, state: ServerState, prompt_length: in
         seed=request.random_seed, end_strings=request.stop)
 
 
-def _binary_wanted(header: dict) -> bool:
-    """Whether the client asked for ``outputs`` as binary data (per output, or for all outputs)."""
+def _binary_wanted(header: dict, name: str) -> bool:
+    """Whether the client asked for output ``name`` as binary data (per output, or for all outputs)."""
     parameters = header.get("parameters")
     wanted = isinstance(parameters, dict) and bool(parameters.get("binary_data_output", False))
     requested = header.get("outputs")
     for entry in requested if isinstance(requested, list) else []:
-        if isinstance(entry, dict) and entry.get("name") == "outputs" and isinstance(entry.get("parameters"), dict):
+        if isinstance(entry, dict) and entry.get("name") == name and isinstance(entry.get("parameters"), dict):
             wanted = bool(entry["parameters"].get("binary_data", wanted))
     return wanted
 
 
-def _response(state: ServerState, header: dict, texts: list[str]) -> Response:
-    shape = [len(texts), 1]
-    output: dict = {"name": "outputs", "datatype": "BYTES", "shape": shape}
-    body: dict = {"model_name": state.model_name, "model_version": VERSION, "id": str(header.get("id", "")),
+def _response(state: ServerState, header: dict, name: str, datatype: str, array: np.ndarray) -> Response:
+    """One output tensor, as JSON ``data`` or in the binary extension, as the client asked."""
+    output: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    body: dict = {"model_name": _model_name(state), "model_version": VERSION, "id": str(header.get("id", "")),
                   "outputs": [output]}
-    if not _binary_wanted(header):
-        output["data"] = texts
+    if not _binary_wanted(header, name):
+        output["data"] = array.flatten().tolist()
         return JSONResponse(body)
-    buffer = tensor_to_bytes("BYTES", np.array(texts, dtype=object))
+    buffer = tensor_to_bytes(datatype, array)
     output["parameters"] = {"binary_data_size": len(buffer)}
     content, header_length = pack(body, [buffer])
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
@@ -194,7 +212,7 @@ async def server_metadata():
 
 @router.post("/v2/repository/index")
 async def repository_index(request: Request):
-    return [{"name": state_of(request).model_name, "version": VERSION, "state": "READY"}]
+    return [{"name": _model_name(state_of(request)), "version": VERSION, "state": "READY"}]
 
 
 @router.get("/v2/models/{name}/ready")
@@ -210,12 +228,13 @@ async def model_ready(request: Request, name: str, version: str | None = None):
 async def model_metadata(request: Request, name: str, version: str | None = None):
     state = state_of(request)
     _check_model(state, name, version)
+    inputs, outputs = _tables(state)
 
     def tensors(table):
         return [{"name": n, "datatype": datatype, "shape": [-1, -1]} for n, _, datatype in table]
 
-    return {"name": name, "versions": [VERSION], "platform": "nemolite", "inputs": tensors(INPUTS),
-            "outputs": tensors(OUTPUTS)}
+    return {"name": name, "versions": [VERSION], "platform": "nemolite", "inputs": tensors(inputs),
+            "outputs": tensors(outputs)}
 
 
 @router.get("/v2/models/{name}/config")
@@ -223,9 +242,10 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 async def model_config(request: Request, name: str, version: str | None = None):
     state = state_of(request)
     _check_model(state, name, version)
+    inputs, outputs = _tables(state)
     return {"name": name, "platform": "nemolite", "backend": "nemolite", "max_batch_size": MAX_BATCH_SIZE,
-            "input": [{"name": n, "data_type": t, "dims": [-1], "optional": n != "prompts"} for n, t, _ in INPUTS],
-            "output": [{"name": n, "data_type": t, "dims": [-1]} for n, t, _ in OUTPUTS],
+            "input": [{"name": n, "data_type": t, "dims": [-1], "optional": n != "prompts"} for n, t, _ in inputs],
+            "output": [{"name": n, "data_type": t, "dims": [-1]} for n, t, _ in outputs],
             "dynamic_batching": {}, "instance_group": [{"kind": "KIND_CPU", "count": 1}],
             "model_transaction_policy": {"decoupled": False}, "parameters": {}}
 
@@ -241,6 +261,8 @@ async def infer(request: Request, name: str, version: str | None = None):
         tensors = read_tensors(header.get("inputs"), buffers)
     except TensorError as error:
         raise RequestError(str(error)) from None
+    if state.config.is_reward_model:
+        return await _infer_rewards(request, state, header, tensors)
     parsed = parse_request(tensors)
     token_ids = [engine_call(state.tokenizer.encode, prompt, add_bos=parsed.add_BOS) for prompt in parsed.prompts]
     params = [sampling_params(parsed, state, len(ids)) for ids in token_ids]
@@ -249,4 +271,34 @@ async def infer(request: Request, name: str, version: str | None = None):
         *(state.generate_final(ids, p, prompt) for prompt, ids, p in zip(parsed.prompts, token_ids, params))))
     if not isinstance(outputs, list):
         return outputs  # the client went away
-    return _response(state, header, [output.outputs[0].text for output in outputs])
+    texts = [output.outputs[0].text for output in outputs]
+    return _response(state, header, "outputs", "BYTES", np.array(texts, dtype=object).reshape(len(texts), 1))
+
+
+def _reward_token_ids(state: ServerState, tensors: dict[str, np.ndarray]) -> list[list[int]]:
+    """The inputs to score: ``sentences`` already in the reward format (tokenized with no BOS/EOS, as
+    NeMo-Aligner does), or ``tokens`` [B, S] cut to ``sequence_lengths`` [B]."""
+    if "sentences" in tensors:
+        return [engine_call(state.tokenizer.encode, text, add_bos=False)
+                for text in _strings(tensors["sentences"], "sentences")]
+    if "tokens" not in tensors or "sequence_lengths" not in tensors:
+        raise RequestError("send input 'sentences' (BYTES, one formatted conversation per row) or 'tokens' "
+                           "(INT64 [batch, length]) with 'sequence_lengths' (INT64 [batch])")
+    tokens, lengths = tensors["tokens"], tensors["sequence_lengths"]
+    if tokens.dtype.kind not in "iu" or lengths.dtype.kind not in "iu" or tokens.ndim != 2:
+        raise RequestError("'tokens' must be INT64 [batch, length] and 'sequence_lengths' INT64 [batch]")
+    lengths = lengths.reshape(-1)
+    if len(lengths) != len(tokens) or not all(1 <= n <= tokens.shape[1] for n in lengths):
+        raise RequestError(f"'sequence_lengths' needs one length in [1, {tokens.shape[1]}] per row of 'tokens'")
+    return [row[:n].tolist() for row, n in zip(tokens, lengths)]
+
+
+async def _infer_rewards(request: Request, state: ServerState, header: dict,
+                         tensors: dict[str, np.ndarray]) -> Response:
+    token_ids = _reward_token_ids(state, tensors)
+    if not 1 <= len(token_ids) <= MAX_BATCH_SIZE:
+        raise RequestError(f"send 1 to {MAX_BATCH_SIZE} inputs per request, got {len(token_ids)}")
+    outputs = await score(state, request, token_ids)
+    if not isinstance(outputs, list):
+        return outputs
+    return _response(state, header, "rewards", "FP32", np.array([o.reward for o in outputs], dtype=np.float32))
