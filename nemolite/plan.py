@@ -39,7 +39,7 @@ class Layout:
         return self.problem is None
 
 
-def _layer_params(config: ModelConfig, spec: LayerSpec, tp: int) -> float:
+def layer_parameters(config: ModelConfig, spec: LayerSpec, tp: int) -> float:
     """Parameters of one layer held by one tensor-parallel rank."""
     d, hd = config.hidden_size, config.head_dim
     total = 0.0
@@ -61,7 +61,7 @@ def _kv_values_per_token(config: ModelConfig, spec: LayerSpec, tp: int) -> int:
     return 2 * math.ceil(spec.num_kv_heads / tp) * config.head_dim if spec.has_kv_cache else 0
 
 
-def _stages(costs: list[float], pp: int) -> list[range]:
+def balanced_stages(costs: list[float], pp: int) -> list[range]:
     """Consecutive layer ranges of about equal cost (NAS layers differ a lot), one layer at least each."""
     cumulative = list(itertools.accumulate(costs))
     bounds = [0]
@@ -81,12 +81,12 @@ def plan_layout(config: ModelConfig, tp: int, pp: int, gpu_bytes: float, dtype_b
                                                 f"over TP {tp}")
     if pp > config.num_layers:
         return Layout(tp, pp, 0, 0, 0, 0, 0, 0, f"{config.num_layers} layers do not fill {pp} stages")
-    layer_costs = [_layer_params(config, spec, tp) for spec in config.layers]
+    layer_costs = [layer_parameters(config, spec, tp) for spec in config.layers]
     vocab = math.ceil(config.vocab_size / (128 * tp)) * 128 * tp / tp  # padded, as Megatron pads it
     embedding = vocab * config.hidden_size
     head = 0.0 if config.tie_word_embeddings else vocab * config.hidden_size
     worst_weights = worst_kv = 0.0
-    for index, layers in enumerate(_stages(layer_costs, pp)):
+    for index, layers in enumerate(balanced_stages(layer_costs, pp)):
         params = sum(layer_costs[i] for i in layers)
         if index == 0:
             params += embedding
@@ -133,7 +133,7 @@ def plan(config: ModelConfig, gpus: int, gpu_memory_gib: float, dtype: str = "bf
 
 def num_parameters(config: ModelConfig) -> float:
     embedding = config.vocab_size * config.hidden_size
-    return (sum(_layer_params(config, spec, 1) for spec in config.layers) + embedding
+    return (sum(layer_parameters(config, spec, 1) for spec in config.layers) + embedding
             + (0 if config.tie_word_embeddings else embedding) + config.hidden_size)
 
 

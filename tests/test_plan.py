@@ -8,7 +8,7 @@ import pytest
 
 from nemolite.cli import main
 from nemolite.config import LayerSpec, config_from_hf
-from nemolite.plan import _stages, num_parameters, plan
+from nemolite.plan import balanced_stages, num_parameters, plan
 
 NEMOTRON_4_340B = {"architectures": ["NemotronForCausalLM"], "model_type": "nemotron", "vocab_size": 256000,
                    "hidden_size": 18432, "intermediate_size": 73728, "num_hidden_layers": 96,
@@ -41,8 +41,8 @@ def test_kv_heads_are_replicated_beyond_tp_and_stages_balance():
     tp8, = [layout for layout in plan(config, 8, 141) if layout.tp == 8]
     assert tp8.kv_bytes_per_token == 96 * 2 * 1 * 192 * 2  # one KV head per rank at TP 8
     # heterogeneous (NAS-like) costs: stages are cut by cost, not by layer count
-    assert _stages([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 11)]
-    assert [len(stage) for stage in _stages([1.0] * 96, 8)] == [12] * 8
+    assert balanced_stages([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 11)]
+    assert [len(stage) for stage in balanced_stages([1.0] * 96, 8)] == [12] * 8
 
 
 SMALL = {**NEMOTRON_4_340B, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 128,

@@ -26,19 +26,20 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_checkpoint(path: Path, dtype: str | torch.dtype = "auto", device: torch.device | None = None,
-                    tokenizer: str | Path | None = None):
-    """(CausalLM, Tokenizer) from an HF directory or a NeMo checkpoint (.nemo file, dir with model_config.yaml)."""
+                    tokenizer: str | Path | None = None, parallel=None):
+    """(CausalLM, Tokenizer) from an HF directory or a NeMo checkpoint (.nemo file, dir with model_config.yaml);
+    with ``parallel`` (a ParallelState) the model is this rank's shard."""
     from nemolite.checkpoint.hf import load_hf_model
     from nemolite.checkpoint.nemo import is_nemo_checkpoint, load_nemo_model
     from nemolite.tokenizer import Tokenizer
 
     device = device if device is not None else default_device()
     if is_nemo_checkpoint(path):
-        loaded = load_nemo_model(path, dtype=dtype, device=device, tokenizer=tokenizer)
+        loaded = load_nemo_model(path, dtype=dtype, device=device, tokenizer=tokenizer, parallel=parallel)
         if loaded.tokenizer is None:
             raise NemoliteError(f"NeMo checkpoint {path} names no SentencePiece tokenizer; pass tokenizer=DIR")
         return loaded.model, loaded.tokenizer
-    model = load_hf_model(path, dtype=dtype, device=device)
+    model = load_hf_model(path, dtype=dtype, device=device, parallel=parallel)
     config = model.config
     return model, Tokenizer.from_pretrained(tokenizer or path, model_type=config.model_type,
                                             bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids)

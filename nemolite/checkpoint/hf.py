@@ -18,6 +18,7 @@ from nemolite.checkpoint.host_memory import move_to_huge_pages
 from nemolite.config import ModelConfig, load_config
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
+from nemolite.parallel.tensor import shard_tensor
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -103,41 +104,51 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
 
 
 def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
-                  device: str | torch.device = "cpu") -> CausalLM:
-    """Load an HF-format checkpoint directory into a ready ``CausalLM`` in eval mode."""
+                  device: str | torch.device = "cpu", parallel=None) -> CausalLM:
+    """Load an HF-format checkpoint directory into a ready ``CausalLM`` in eval mode; with ``parallel``
+    (a ParallelState) only this rank's shard, one checkpoint tensor in memory at a time besides it."""
     path = Path(path)
     config = load_config(path)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = CausalLM(config, parallel)
+        whole = CausalLM(config) if model.parallel.distributed else model  # names and shapes to check against
+    expected = dict(whole.checkpoint_parameters())
     model.materialize(torch_dtype, device)
-    params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    params = model.checkpoint_parameters()
     move_to_huge_pages(list(params.values()), copy=False)  # faster streaming of the weights on the CPU
     entries = checkpoint_entries(path)
-    expected = set(params)
     if config.tie_word_embeddings:
         entries.pop("lm_head.weight", None)
     if config.is_reward_model and "score.bias" not in entries:  # transformers' score head has no bias
-        expected.discard("score.bias")
-        model.score.bias.data.zero_()
-    missing = sorted(expected - entries.keys())
-    unexpected = sorted(entries.keys() - expected)
+        expected.pop("score.bias")
+        if "score.bias" in params:
+            params.pop("score.bias").data.zero_()
+    missing = sorted(expected.keys() - entries.keys())
+    unexpected = sorted(entries.keys() - expected.keys())
     if missing or unexpected:
         raise NemoliteError(
             f"checkpoint {path} does not match its config.json: "
             f"missing tensors {_short_list(missing)}; unexpected tensors {_short_list(unexpected)}")
     mismatched = [f"{name} has shape {list(entry.shape)} in the checkpoint but the config implies "
-                  f"{list(params[name].shape)}" for name, entry in _by_file_offset(entries)
-                  if tuple(params[name].shape) != entry.shape]
+                  f"{list(expected[name].shape)}" for name, entry in _by_file_offset(entries)
+                  if tuple(expected[name].shape) != entry.shape]
     if mismatched:
         raise NemoliteError(f"checkpoint {path} does not match its config.json: {_short_list(mismatched, 4)}")
     with torch.no_grad():
         handles: dict[Path, object] = {}
         try:
             for name, entry in _by_file_offset(entries):
+                if name not in params:
+                    continue  # another pipeline stage's
                 if entry.file not in handles:
                     handles[entry.file] = open(entry.file, "rb", buffering=0)
-                read_into(entry, params[name].data, handles[entry.file])
+                if not model.parallel.distributed:
+                    read_into(entry, params[name].data, handles[entry.file])
+                    continue
+                whole_tensor = torch.empty(entry.shape, dtype=entry.dtype)
+                read_into(entry, whole_tensor, handles[entry.file])
+                params[name].data.copy_(shard_tensor(name, whole_tensor, config, model.parallel))
         finally:
             for handle in handles.values():
                 handle.close()

@@ -13,7 +13,7 @@ copy). Pre-1.6 ``torch.save`` files (not zip) are loaded whole by ``torch.load``
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +27,7 @@ from nemolite.checkpoint.nemo_weights import read_weights
 from nemolite.config import config_from_hf
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
+from nemolite.parallel.tensor import shard_tensor
 from nemolite.reward import reward_model_hf_config
 
 CONFIG_FILE = "model_config.yaml"
@@ -154,11 +155,12 @@ class NemoCheckpoint:
             return [f"{prefix}mlp.{'gate' if separate_up else 'up'}_proj.{kind}"]
         return [prefix + LAYER_NAMES[sub]] if sub in LAYER_NAMES else [name]
 
-    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) one at a time; unknown keys come through under their own names."""
+    def hf_tensors(self, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) one at a time; unknown keys come through under their own names. With
+        ``wanted``, tensors none of whose HF names it accepts are not even read (another rank's)."""
         for name, lazy in sorted(self.state.items(), key=lambda item: _layer_order(item[0])):
             hf_names = self._hf_names(name)
-            if not hf_names:
+            if not hf_names or (wanted is not None and not any(map(wanted, hf_names))):
                 continue
             tensor = lazy.read()
             if tuple(tensor.shape) != tuple(lazy.shape):
@@ -203,9 +205,10 @@ class LoadedNemo(NamedTuple):
     tokenizer: object | None  # nemolite.tokenizer.Tokenizer, or None when the checkpoint has none
 
 
-def load_nemo_model(path: str | Path, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device | None = None, tokenizer: str | Path | None = None) -> LoadedNemo:
-    """Load a NeMo checkpoint into a ready ``CausalLM`` (eval mode) and its tokenizer."""
+def load_nemo_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                    tokenizer: str | Path | None = None, parallel=None) -> LoadedNemo:
+    """Load a NeMo checkpoint into a ready ``CausalLM`` (eval mode) and its tokenizer; with ``parallel``
+    (a ParallelState) only this rank's shard, reading only the tensors it needs."""
     from nemolite.checkpoint import default_device
     from nemolite.tokenizer import Tokenizer
 
@@ -214,20 +217,22 @@ def load_nemo_model(path: str | Path, dtype: str | torch.dtype = "auto",
         config = checkpoint.config
         torch_dtype = resolve_dtype(dtype, config)
         with torch.device("meta"):
-            model = CausalLM(config)
+            model = CausalLM(config, parallel)
+            whole = CausalLM(config) if model.parallel.distributed else model
+        expected = whole.checkpoint_parameters()
         model.materialize(torch_dtype, device)
-        params = dict(model.named_parameters())
+        params = model.checkpoint_parameters()
         move_to_huge_pages(list(params.values()), copy=False)
         filled, unexpected = set(), []
         with torch.no_grad():
-            for name, tensor in checkpoint.hf_tensors():
-                if name not in params:
+            for name, tensor in checkpoint.hf_tensors(lambda hf_name: hf_name in params or hf_name not in expected):
+                if name not in expected:
                     unexpected.append(name)
                     continue
-                if tuple(tensor.shape) != tuple(params[name].shape):
+                if tuple(tensor.shape) != tuple(expected[name].shape):
                     raise NemoliteError(f"{path}: {name} has shape {list(tensor.shape)} but model_config.yaml "
-                                        f"implies {list(params[name].shape)}")
-                params[name].data.copy_(tensor)
+                                        f"implies {list(expected[name].shape)}")
+                params[name].data.copy_(shard_tensor(name, tensor, config, model.parallel))
                 filled.add(name)
         missing = sorted(set(params) - filled)
         if missing or unexpected:

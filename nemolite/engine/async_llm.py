@@ -118,6 +118,12 @@ class AsyncLLM:
         return applied
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.engine.close()  # from this thread: the only one that talks to the other ranks
+
+    def _loop(self) -> None:
         while not self._closed:
             try:
                 if self._apply_commands():
@@ -125,6 +131,7 @@ class AsyncLLM:
                 if not self.engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                    self.engine.runner.keep_alive()
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.stats()

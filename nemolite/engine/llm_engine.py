@@ -39,6 +39,8 @@ class EngineArgs:
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
     compile: bool = False  # torch.compile the decode step (minutes of compiling, then faster steps)
+    tensor_parallel_size: int = 1  # > 1 or pipeline_parallel_size > 1: one process per rank (torchrun, srun)
+    pipeline_parallel_size: int = 1
 
 
 @dataclasses.dataclass(slots=True)
@@ -74,11 +76,21 @@ class LLMEngine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.seed = seed
+        parallel = model.parallel
         num_blocks = self._num_blocks(args)
-        self.cache = PagedKVCache(self.config, num_blocks, args.block_size, self.dtype, self.device)
+        if parallel.distributed:  # every rank holds the same block ids: the smallest budget rules
+            count = torch.tensor([num_blocks], device=self.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+            num_blocks = int(count.item())
+        self.cache = PagedKVCache(model.local_config, num_blocks, args.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile)
+        if parallel.distributed:
+            from nemolite.parallel.runner import ParallelRunner
+
+            self.runner = ParallelRunner(model, self.cache, self.device, parallel)
+        else:
+            self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
@@ -89,14 +101,32 @@ class LLMEngine:
     def from_pretrained(cls, model: str | Path | None, dtype: str | torch.dtype = "auto",
                         device: str | torch.device | None = None, seed: int = 0,
                         tokenizer: str | Path | None = None, **engine_args) -> "LLMEngine":
-        """Load a checkpoint (None: the demo model) and its tokenizer; ``engine_args`` are EngineArgs fields."""
+        """Load a checkpoint (None: the demo model) and its tokenizer; ``engine_args`` are EngineArgs fields.
+
+        With ``tensor_parallel_size``/``pipeline_parallel_size`` above 1 every process of the job
+        (torchrun, srun) makes this call: each loads its shard; rank 0 gets the engine, and on every
+        other rank the call runs rank 0's steps until rank 0 closes its engine, then exits the process."""
+        from nemolite.checkpoint import default_device
+        from nemolite.parallel.groups import init_parallel
+
+        args = EngineArgs(**engine_args)
         path = resolve_model_path(model)
-        loaded, tokenizer_ = load_checkpoint(path, dtype, torch.device(device) if device is not None else None,
-                                             tokenizer)
-        return cls(loaded, tokenizer_, EngineArgs(**engine_args), seed=seed)
+        device = torch.device(device) if device is not None else default_device()
+        parallel = init_parallel(args.tensor_parallel_size, args.pipeline_parallel_size, device.type)
+        loaded, tokenizer_ = load_checkpoint(path, dtype, device, tokenizer, parallel)
+        engine = cls(loaded, tokenizer_, args, seed=seed)
+        if parallel.distributed and not parallel.is_driver:
+            engine.runner.follow()
+            torch.distributed.destroy_process_group()
+            raise SystemExit(0)
+        return engine
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory: in a parallel job, stop the other ranks."""
+        self.runner.close()
 
     def _num_blocks(self, args: EngineArgs) -> int:
-        per_block = PagedKVCache.bytes_per_block(self.config, args.block_size, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(self.model.local_config, args.block_size, self.dtype)
         if per_block == 0:  # no attention layer at all: blocks cost nothing
             return args.max_num_seqs * -(-self.config.max_position_embeddings // args.block_size)
         if args.kv_cache_gb is not None and args.kv_cache_fraction is not None:
@@ -181,7 +211,7 @@ class LLMEngine:
         """Run one scheduled batch; the outputs of every request that moved (finished ones leave)."""
         batch = self.scheduler.schedule()
         if self.block_manager.handed_out:
-            self.cache.zero_blocks(self.block_manager.handed_out)
+            self.runner.zero_blocks(self.block_manager.handed_out)
             self.block_manager.handed_out.clear()
         if not batch:
             return [request.output(True) for request in self._pop_finished()]

@@ -13,6 +13,26 @@ from nemolite.model import CausalLM
 
 
 @dataclasses.dataclass(slots=True)
+class StepInputs:
+    """One forward pass over a flattened batch: what every rank of a parallel job needs to run it."""
+
+    token_ids: torch.Tensor  # [1, N]
+    positions: torch.Tensor  # [1, N]
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [K] rows of the flattened batch whose logits are kept
+
+    def to(self, device: torch.device) -> "StepInputs":
+        metadata = self.metadata
+        moved = dataclasses.replace(
+            metadata, slot_mapping=metadata.slot_mapping.to(device),
+            decode_context_slots=None if metadata.decode_context_slots is None else metadata.decode_context_slots.to(device),
+            decode_mask=None if metadata.decode_mask is None else metadata.decode_mask.to(device),
+            prefill_segments=[dataclasses.replace(s, context_slots=s.context_slots.to(device))
+                              for s in metadata.prefill_segments])
+        return StepInputs(self.token_ids.to(device), self.positions.to(device), moved, self.logits_indices.to(device))
+
+
+@dataclasses.dataclass(slots=True)
 class StepLogits:
     sample_logits: torch.Tensor  # [S, V] one row per sequence that samples its next token now
     samplers: list[Sequence]
@@ -47,12 +67,41 @@ class ModelRunner:
         slots = (tables[:, :, None] * size + torch.arange(size)).flatten(1)[:, :longest]
         return slots, torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
 
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        """Blocks handed out anew: see PagedKVCache.zero_blocks."""
+        self.cache.zero_blocks(block_ids)
+
+    def close(self) -> None:
+        """Nothing to release on one process (a parallel runner stops its peers)."""
+
+    def keep_alive(self) -> None:
+        """Called while the engine idles (a parallel runner pings its peers)."""
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         """Compute K/V for the batch's tokens; fp32 logits for the sequences that sample now, and for
         the prompt positions of sequences that asked for prompt logprobs."""
         if self.decoder is not None and all(num_tokens == 1 for _, num_tokens in batch):
             return self._execute_compiled([seq for seq, _ in batch])
+        inputs, samplers, prompt_ranges = self.prepare(batch)
+        logits = self.forward([inputs])[0][0].float()
+        return StepLogits(logits[:len(samplers)], samplers, logits[len(samplers):], prompt_ranges)
+
+    def forward(self, micro_batches: list[StepInputs]) -> list[torch.Tensor]:
+        """The model over each micro-batch: logits [1, K, V] (a reward model: rewards [1, K, A])."""
+        outputs = []
+        for inputs in micro_batches:
+            self.cache.metadata = inputs.metadata
+            try:
+                outputs.append(self.model(inputs.token_ids, inputs.positions, cache=self.cache,
+                                          logits_indices=inputs.logits_indices))
+            finally:
+                self.cache.metadata = None
+        return outputs
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int, int]]]:
+        """Flatten a batch (decodes first): the model's inputs, the sequences that sample now (their
+        logits rows come first), then the (sequence, first position, count) of prompt-logprob rows."""
         batch = sorted(batch, key=lambda item: item[1] > 1)  # decodes (one token) first
         size = self.cache.block_size
         token_ids: list[int] = []
@@ -87,19 +136,14 @@ class ModelRunner:
         if decode_seqs:
             decode_slots, decode_mask = self.context_slots(decode_seqs, [s.num_computed_tokens + 1 for s in decode_seqs])
             decode_slots, decode_mask = decode_slots.to(self.device), decode_mask[:, None, None, :].to(self.device)
-        self.cache.metadata = AttentionMetadata(
+        metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
             num_decode_tokens=len(decode_seqs), decode_context_slots=decode_slots, decode_mask=decode_mask,
             prefill_segments=segments)
-        try:
-            logits = self.model(torch.tensor([token_ids], device=self.device),
-                                torch.tensor([positions], device=self.device), cache=self.cache,
-                                logits_indices=torch.tensor(logits_indices + prompt_indices, dtype=torch.long,
-                                                            device=self.device))
-        finally:
-            self.cache.metadata = None
-        logits = logits[0].float()
-        return StepLogits(logits[:len(samplers)], samplers, logits[len(samplers):], prompt_ranges)
+        inputs = StepInputs(torch.tensor([token_ids], device=self.device),
+                            torch.tensor([positions], device=self.device), metadata,
+                            torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=self.device))
+        return inputs, samplers, prompt_ranges
 
     def _execute_compiled(self, seqs: list[Sequence]) -> StepLogits:
         size, device = self.cache.block_size, self.device
