@@ -18,7 +18,7 @@ from nemolite.checkpoint.host_memory import move_to_huge_pages
 from nemolite.config import ModelConfig, load_config
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
-from nemolite.parallel.tensor import shard_tensor
+from nemolite.parallel.tensor import shard_slice
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -90,6 +90,32 @@ def read_into(entry: SafetensorsEntry, target: torch.Tensor, handle) -> None:
         target.copy_(buffer)
 
 
+def read_rows(entry: SafetensorsEntry, start: int, target: torch.Tensor, handle) -> None:
+    """Fill ``target`` with rows [start, start + len(target)) of the tensor, reading only their bytes;
+    rows past the tensor's end (vocabulary padding) are zero."""
+    count = max(0, min(len(target), entry.shape[0] - start))
+    row_bytes = entry.num_bytes // entry.shape[0] if entry.shape[0] else 0
+    piece = SafetensorsEntry(entry.file, entry.name, entry.dtype, (count, *entry.shape[1:]),
+                             entry.offset + start * row_bytes, count * row_bytes)
+    read_into(piece, target[:count], handle)
+    target[count:].zero_()
+
+
+def read_columns(entry: SafetensorsEntry, start: int, target: torch.Tensor, handle,
+                 chunk_bytes: int = 1 << 20) -> None:
+    """Fill ``target`` [rows, n] with columns [start, start + n) of a 2-D tensor, a few rows at a time
+    (so that no more than ``chunk_bytes`` of other ranks' columns are ever in memory)."""
+    rows, columns = entry.shape
+    row_bytes = entry.num_bytes // rows
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    for first in range(0, rows, step):
+        count = min(step, rows - first)
+        buffer = torch.empty((count, columns), dtype=entry.dtype)
+        read_into(SafetensorsEntry(entry.file, entry.name, entry.dtype, (count, columns),
+                                   entry.offset + first * row_bytes, count * row_bytes), buffer, handle)
+        target[first:first + count].copy_(buffer[:, start:start + target.shape[1]])
+
+
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -146,9 +172,13 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
                 if not model.parallel.distributed:
                     read_into(entry, params[name].data, handles[entry.file])
                     continue
-                whole_tensor = torch.empty(entry.shape, dtype=entry.dtype)
-                read_into(entry, whole_tensor, handles[entry.file])
-                params[name].data.copy_(shard_tensor(name, whole_tensor, config, model.parallel))
+                part = shard_slice(name, entry.shape, config, model.parallel)
+                if part is None:
+                    read_into(entry, params[name].data, handles[entry.file])
+                elif part[0] == 0:  # rows: read just this rank's bytes
+                    read_rows(entry, part[1], params[name].data, handles[entry.file])
+                else:
+                    read_columns(entry, part[1], params[name].data, handles[entry.file])
         finally:
             for handle in handles.values():
                 handle.close()

@@ -71,28 +71,39 @@ def shard_config(config: ModelConfig, state: ParallelState) -> ModelConfig:
                                vocab_size=math.ceil(config.vocab_size / tp))
 
 
-def shard_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, state: ParallelState) -> torch.Tensor:
-    """This rank's slice of checkpoint tensor ``name`` (HF naming), full config ``config``."""
+def shard_slice(name: str, shape: tuple[int, ...], config: ModelConfig,
+                state: ParallelState) -> tuple[int, int, int] | None:
+    """Which part of checkpoint tensor ``name`` (HF naming, full ``config``) this rank holds:
+    (dimension, start, length), or None for all of it. Vocabulary rows past the end are padding."""
     tp, rank = state.tp_size, state.tp_rank
-    if tp == 1:
-        return tensor
+    if tp == 1 or len(shape) == 0:
+        return None
     parts = name.split(".")
     kind = parts[-2] if len(parts) >= 2 else ""
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         rows = math.ceil(config.vocab_size / tp)
-        piece = tensor[rank * rows:(rank + 1) * rows]
-        return F.pad(piece, (0, 0, 0, rows - len(piece)))  # the last shard's padding rows are zero
-    if kind == "q_proj" or kind in ("gate_proj", "up_proj"):
-        return tensor.chunk(tp, dim=0)[rank]
+        return 0, rank * rows, rows
+    if kind in ("q_proj", "gate_proj", "up_proj"):
+        return 0, rank * shape[0] // tp, shape[0] // tp
     if kind in ("k_proj", "v_proj"):
         layer = config.layers[int(parts[2])]
         local = local_kv_heads(layer.num_kv_heads, tp)
         # Split when there are enough KV heads; else each serves the TP/G ranks whose query heads use it.
         first = rank * local if layer.num_kv_heads >= tp else rank // (tp // layer.num_kv_heads)
-        return tensor.narrow(0, first * config.head_dim, local * config.head_dim)
+        return 0, first * config.head_dim, local * config.head_dim
     if kind in ("o_proj", "down_proj", "linear_attn", "linear_mlp") and parts[-1] == "weight":
-        return tensor.chunk(tp, dim=1)[rank]
-    return tensor  # norms, row-parallel biases (added once, after the all-reduce), a reward head
+        return 1, rank * shape[1] // tp, shape[1] // tp
+    return None  # norms, row-parallel biases (added once, after the all-reduce), a reward head
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, state: ParallelState) -> torch.Tensor:
+    """This rank's slice of checkpoint tensor ``name`` (see shard_slice), padded with zero rows."""
+    part = shard_slice(name, tuple(tensor.shape), config, state)
+    if part is None:
+        return tensor
+    dim, start, length = part
+    piece = tensor.narrow(dim, start, max(0, min(length, tensor.shape[dim] - start)))
+    return F.pad(piece, (0, 0, 0, length - piece.shape[0])) if dim == 0 and piece.shape[0] < length else piece
 
 
 class RowParallelLinear(nn.Module):
