@@ -32,6 +32,21 @@ def test_generate_under_torchrun_prints_the_single_process_text():
     assert parallel.stdout == single.stdout and len(single.stdout.strip()) > 10
 
 
+def test_generate_under_srun_environment():
+    """srun's view (SLURM_PROCID/NTASKS/LOCALID, the job's node list): two tasks started by hand."""
+    single = subprocess.run([sys.executable, "-m", "nemolite", *GENERATE], env=environment(), capture_output=True,
+                            text=True, timeout=120)
+    port = str(free_port())
+    tasks = [subprocess.Popen([sys.executable, "-m", "nemolite", *GENERATE, "--tensor-parallel-size", "2"],
+                              env={**environment(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2",
+                                   "SLURM_LOCALID": str(rank), "SLURM_JOB_NODELIST": "localhost",
+                                   "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][1][-2000:]
+    assert outputs[0][0] == single.stdout and outputs[1][0] == ""
+
+
 def ranks_of(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     ranks = {}
     for child in psutil.Process(launcher.pid).children(recursive=True):
