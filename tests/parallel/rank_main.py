@@ -1,5 +1,6 @@
 """One rank of a parallel test job (or the single-process reference): greedy tokens and full prompt
-log-probabilities of fixed prompts, saved by rank 0 to OUT.
+log-probabilities of fixed prompts (a reward model: the rewards of fixed conversations), saved by rank 0
+to OUT.
 
     torchrun --nproc-per-node N tests/parallel/rank_main.py MODEL TP PP OUT
 """
@@ -17,6 +18,13 @@ def main() -> None:
     model, tp, pp, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     llm = LLM(model, dtype="float32", device="cpu", kv_cache_gb=0.01, block_size=4, max_num_batched_tokens=16,
               tensor_parallel_size=tp, pipeline_parallel_size=pp)  # small chunks: prefill spans several steps
+    if llm.config.is_reward_model:
+        conversations = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "an answer"}]
+                         for i in range(5)]
+        rewards = [list(r["attributes"].values()) for r in llm.reward(conversations, use_tqdm=False)]
+        llm.engine.close()
+        torch.save({"tokens": [], "logprobs": [torch.tensor(rewards)]}, out)
+        return
     greedy = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(
         temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     scored = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(

@@ -1,6 +1,7 @@
 """Tensor and pipeline parallelism on CPU with gloo: TP 2, PP 2, TP 2 × PP 2 (and TP 4, which replicates
 KV heads) give the single process's greedy tokens and logits within 1e-4 (fp32), for a Nemotron-4-style
-model (GQA, partial rotary) from HF and NeMo checkpoints and a NAS model with no-op and linear layers."""
+model (GQA, partial rotary) from HF and NeMo checkpoints, a NAS model with no-op and linear layers, and a
+reward model (its head on the last stage)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from nemolite.errors import NemoliteError
 from nemolite.parallel.groups import expand_nodelist, init_parallel, launch_from_environment
 from tests.checkpoint.test_nemo import write_nemo
-from tests.conftest import make_nemotron, write_sentencepiece
+from tests.conftest import make_nemotron, make_reward_model, write_sentencepiece
 from tests.model.test_nemotron_nas import BLOCKS, patched_llama, write_nas
 from tests.server.conftest import free_port
 
@@ -47,7 +48,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     nas = write_nas(root / "nas", patched_llama(BLOCKS), BLOCKS)
     write_sentencepiece(nas)
     return {"nemotron": nemotron, "nemotron-nemo": write_nemo(nemotron, root / "nemotron.nemo", tp=2),
-            "nas": nas}
+            "nas": nas, "reward": make_reward_model(root / "reward", num_hidden_layers=4)}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def references(models, tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.parametrize("name, tp, pp", [
     ("nemotron", 2, 1), ("nemotron", 1, 2), ("nemotron", 2, 2), ("nemotron", 4, 1),
-    ("nemotron-nemo", 2, 2), ("nas", 2, 1), ("nas", 1, 2), ("nas", 2, 2),
+    ("nemotron-nemo", 2, 2), ("nas", 2, 1), ("nas", 1, 2), ("nas", 2, 2), ("reward", 2, 2),
 ])
 def test_parallel_equals_one_process(models, references, tmp_path, name, tp, pp):
     result = run_ranks(models[name], tp, pp, tmp_path / "out.pt")
