@@ -26,13 +26,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     engine.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the decode step: slower start, faster steady state")
+    parallel = parser.add_argument_group("parallelism (launch one process per rank with torchrun or srun)")
+    parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                          help="split every layer over this many ranks (Megatron style)")
+    parallel.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                          help="split the layers into this many consecutive stages")
 
 
 def engine_options(args) -> dict:
     return {"kv_cache_gb": args.kv_cache_gb, "kv_cache_fraction": args.kv_cache_fraction,
             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": not args.no_prefix_caching,
-            "compile": args.compile}
+            "compile": args.compile, "tensor_parallel_size": args.tensor_parallel_size,
+            "pipeline_parallel_size": args.pipeline_parallel_size}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
@@ -79,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=None,
                        help="requests allowed to wait beyond the running batch; more get 503 (default 1024)")
     serve.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
+    serve.add_argument("--reward-weights", default=None, metavar="W,W,...|NAME=W,...",
+                       help="a reward model's attribute weights for its scalar score: one number per attribute, or "
+                            "name=weight pairs (default: HelpSteer2's 0,0,0,0,0.3,0.74,0.46,0.47,-0.33)")
     _add_model_options(serve)
 
     convert = commands.add_parser("convert", help="write a NeMo (or HF) checkpoint as a Hugging Face directory",
@@ -120,6 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the results to this file")
     _add_model_options(bench)
     bench.set_defaults(dtype="bfloat16", compile=True)
+
+    from nemolite.sdg.config import PIPELINES
+
+    sdg = commands.add_parser("sdg", help="generate synthetic data with a Nemotron-4 340B pipeline (resumable JSONL)",
+                              description="Write PIPELINE's rows to --out, one JSON line each, in a fixed order. "
+                                          "Rerunning the same command resumes: finished requests replay from "
+                                          "FILE.cache.jsonl and only missing rows are added. Without --endpoint "
+                                          "the demo model (and the demo reward model, when installed) run in "
+                                          "this process.")
+    sdg.add_argument("pipeline", choices=PIPELINES, metavar="PIPELINE", help=", ".join(PIPELINES))
+    sdg.add_argument("--out", required=True, metavar="FILE.jsonl")
+    sdg.add_argument("--config", default=None, metavar="CONFIG.yaml",
+                     help="YAML merged over the defaults (nemolite/sdg/prompts.yaml): sizes, templates, filter...")
+    sdg.add_argument("--endpoint", default=None, metavar="URL", help="an OpenAI-compatible server, e.g. "
+                                                                      "http://localhost:1424")
+    sdg.add_argument("--api-key", default=None, help="sent as a Bearer token (or set NEMOLITE_API_KEY)")
+    sdg.add_argument("--model", default=None, metavar="NAME",
+                     help="the served model's name (default: the first of /v1/models); without --endpoint, "
+                          "a checkpoint to run in-process")
+    sdg.add_argument("--reward-endpoint", default=None, metavar="URL", help="a nemolite reward server (/v1/reward)")
+    sdg.add_argument("--rows", type=int, default=None, help="stop after N kept rows (default: the whole pipeline)")
+    sdg.add_argument("--seed", type=int, default=0, help="every request's seed derives from it and the row id")
+    sdg.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    sdg.add_argument("--num-shards", type=int, default=1, help="split the top-level items over K jobs (Slurm array)")
+    sdg.add_argument("--shard-id", type=int, default=0, help="this job's shard, 0..K-1")
     return parser
 
 
@@ -145,7 +179,10 @@ def run_generate(args) -> int:
     params = _sampling_params(args)
     llm = _load(model, args)
     ids = llm.tokenizer.encode(prompt, add_bos=False if args.no_bos else None)
-    llm.stream(ids, params, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    try:
+        llm.stream(ids, params, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    finally:
+        llm.engine.close()  # in a parallel job: stop the other ranks
     sys.stdout.write("\n")
     return 0
 
@@ -215,9 +252,32 @@ def run_serve(args) -> int:
     logging.getLogger("nemolite.access").setLevel(logging.INFO)
     log.warning("loading %s", path)
     engine = AsyncLLM(path, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
-    log.warning("serving %r on http://%s:%d (NeMo PUT /generate, OpenAI /v1, Triton /v2)", name, args.host, args.port)
-    serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue)
+    weights = _reward_weights(args.reward_weights, engine.config.reward_attributes)
+    doors = ("reward model: POST /v1/reward, /v1/chat/completions, Triton reward_model"
+             if engine.config.is_reward_model else "NeMo PUT /generate, OpenAI /v1, Triton /v2")
+    log.warning("serving %r on http://%s:%d (%s)", name, args.host, args.port, doors)
+    serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue, reward_weights=weights)
     return 0
+
+
+def _reward_weights(text: str | None, names: tuple[str, ...]) -> list[float] | None:
+    """``--reward-weights``: "0.3,0.74,..." in head order, or "helpfulness=0.5,verbosity=-1"."""
+    from nemolite.reward import resolve_weights
+
+    if text is None:
+        return None
+    if not names:
+        raise NemoliteError("--reward-weights is for reward models; this checkpoint has no reward head")
+    try:
+        if "=" in text:
+            pairs = (item.split("=", 1) for item in text.split(","))
+            weights = {name.strip(): float(value) for name, value in pairs}
+        else:
+            weights = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise NemoliteError(f"--reward-weights {text!r}: give numbers, e.g. 0,0,0,0,0.3,0.74,0.46,0.47,-0.33 "
+                            "or helpfulness=1,verbosity=-0.5") from None
+    return resolve_weights(weights, names)
 
 
 def _size(text: str) -> int:
@@ -254,12 +314,26 @@ def run_plan(args) -> int:
     return 0 if any(layout.fits for layout in layouts) else 1
 
 
+def run_sdg(args) -> int:
+    import os
+
+    from nemolite.sdg import run_pipeline
+
+    summary = run_pipeline(args.pipeline, args.out, endpoint=args.endpoint, model=args.model,
+                           api_key=args.api_key or os.environ.get("NEMOLITE_API_KEY") or None,
+                           reward_endpoint=args.reward_endpoint, config=args.config, rows=args.rows, seed=args.seed,
+                           concurrency=args.concurrency, num_shards=args.num_shards, shard_id=args.shard_id,
+                           progress=sys.stderr.isatty())
+    print(summary.format(), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"generate": run_generate, "chat": run_chat, "serve": run_serve, "convert": run_convert,
-                "plan": run_plan, "bench": run_bench}
+                "plan": run_plan, "bench": run_bench, "sdg": run_sdg}
     try:
         return handlers[args.command](args)
     except NemoliteError as error:
