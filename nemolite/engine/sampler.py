@@ -1,9 +1,9 @@
 """Turns the logits of a step into next tokens, each row with its own SamplingParams.
 
 Penalties (repetition as NeMo/HF apply it, OpenAI presence/frequency), ``min_tokens``
-banning, then greedy or temperature + top-k + top-p + min-p sampling. Sampling is an
-exponential race drawn from each sequence's own generator, so a row's token depends only on
-its logits and seed, never on what else shares the batch.
+banning, then greedy or temperature + top-k + top-p + min-p sampling. Sampling inverts the
+cumulative distribution at a uniform drawn from each sequence's own generator, so a row's token
+depends only on its logits and seed, never on what else shares the batch.
 """
 
 from __future__ import annotations
@@ -39,22 +39,40 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
 
 
+TOP_P_HEAD = 256  # top-p usually stops within the most likely few hundred tokens: rank those, not all V
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """logits [S, V] (already divided by temperature), top_k [S] (0 = off), top_p [S], min_p [S]:
     the logits with the tokens that top-k, then top-p, then min-p exclude set to -inf."""
-    vocab = logits.shape[-1]
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        limit = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-        drop = torch.arange(vocab, device=logits.device)[None, :] >= limit[:, None]
-        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-        # A token goes when the tokens ranked above it already reach top_p; the first always stays.
-        drop |= (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+        logits = _top_k_top_p(logits, top_k, top_p, min(logits.shape[-1], TOP_P_HEAD))
     if bool((min_p > 0).any()):
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int) -> torch.Tensor:
+    """Rank only the ``width`` most likely tokens of each row; when top-k or top-p already ends inside
+    them in every row (the usual case) nothing else can survive and that is exact. Otherwise rank all."""
+    vocab = logits.shape[-1]
+    ranked_logits, order = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
+    limit = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    nucleus = top_p < 1.0  # top_p 1 is off: rounding must not cut the tail of the distribution
+    drop = torch.arange(width, device=logits.device)[None, :] >= limit[:, None]
+    # Probabilities renormalised over the top-k survivors (over all V tokens when top-k is off).
+    normaliser = torch.where(top_k > 0, ranked_logits.masked_fill(drop, float("-inf")).logsumexp(-1),
+                             logits.logsumexp(-1))
+    probs = (ranked_logits - normaliser[:, None]).exp().masked_fill(drop, 0.0)
+    unfiltered = (top_k <= 0) & ~nucleus
+    if width < vocab and not bool((unfiltered | (limit <= width) | (nucleus & (probs.sum(-1) >= top_p))).all()):
+        return _top_k_top_p(logits, top_k, top_p, vocab)
+    # A token goes when the tokens ranked above it already reach top_p; the first always stays.
+    drop |= nucleus[:, None] & ((probs.cumsum(-1) - probs) >= top_p[:, None])
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, ~drop)
+    keep |= unfiltered[:, None]
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[torch.Generator],
@@ -82,11 +100,13 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
                                torch.tensor([min(max(p.top_k, 0), logits.shape[-1]) for p in chosen], device=device),
                                torch.tensor([p.top_p for p in chosen], device=device),
                                torch.tensor([p.min_p for p in chosen], device=device))
-        probs = scaled.softmax(-1)
-        race = torch.empty_like(probs)
-        for index, row in enumerate(sampled_rows):
-            race[index].exponential_(generator=generators[row])
-        tokens[rows] = (probs / race).argmax(-1)
+        # Inverse-CDF sampling: one uniform draw per row from its own generator (an exponential race
+        # drew V of them per row and cost more than the rest of the sampler at batch 10).
+        cumulative = scaled.softmax(-1).cumsum(-1)
+        uniforms = torch.cat([torch.rand(1, generator=generators[row], device=device) for row in sampled_rows])
+        targets = uniforms[:, None] * cumulative[:, -1:]
+        drawn = torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+        tokens[rows] = drawn
     token_list = tokens.tolist()
     token_logprobs = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     results = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemolite import SamplingParams
-from nemolite.engine.sampler import apply_penalties, make_generator, sample
+from nemolite.engine.sampler import apply_penalties, filter_logits, make_generator, sample
 from nemolite.errors import NemoliteError
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -41,6 +41,31 @@ def test_plain_sampling_follows_the_distribution():
 def test_filters_limit_the_support(params, allowed):
     seen = set(draws(params))
     assert seen == allowed
+
+
+def reference_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """top-k then top-p over one fully sorted row, the definition."""
+    sorted_logits, order = logits.sort(descending=True)
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if top_k > 0:
+        keep[order[top_k:]] = False
+    probs = sorted_logits.masked_fill(~keep[order], float("-inf")).softmax(-1)
+    before = probs.cumsum(-1) - probs
+    if top_p < 1.0:
+        keep[order[before >= top_p]] = False
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked rows (top-p ends early) and flat ones (it does not)
+def test_top_k_top_p_equal_a_full_sort(scale):
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(24, 4096, generator=generator) * scale
+    top_k = torch.tensor([0, 5, 300, 4096, 0, 1] * 4)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 0.999, 0.3, 1.0, 0.95] * 3)
+    got = filter_logits(logits, top_k, top_p, torch.zeros(24))
+    for row in range(24):
+        expected = reference_filter(logits[row], int(top_k[row]), float(top_p[row]))
+        assert torch.equal(got[row].isinf(), expected.isinf()), row
 
 
 def test_same_seed_same_tokens_and_other_seed_differs():
