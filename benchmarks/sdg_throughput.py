@@ -6,6 +6,7 @@ completion tokens/s and the ratio; the bar is 16 / 1 >= 5 in rows/s.
 
     python benchmarks/sdg_throughput.py                    # demo model, 64 rows per run
     python benchmarks/sdg_throughput.py --rows 200 --concurrency 1 16 32
+    python benchmarks/sdg_throughput.py --rows 200 --in-process   # no server; demo reward model scores too
 """
 
 from __future__ import annotations
@@ -52,26 +53,31 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--server-log", default=os.devnull)
+    parser.add_argument("--in-process", action="store_true",
+                        help="no server: the demo model and demo reward model in this process, as `nemolite sdg` "
+                             "without --endpoint runs them")
     args = parser.parse_args()
 
     port = free_port()
     with open(args.server_log, "w") as log, tempfile.TemporaryDirectory() as directory:
-        server = start_server(args.model, port, log)
+        server = None if args.in_process else start_server(args.model, port, log)
+        endpoint = None if args.in_process else f"http://127.0.0.1:{port}"
         try:
             results = {}
             for concurrency in args.concurrency:
                 out = os.path.join(directory, f"c{concurrency}.jsonl")
                 started = time.perf_counter()
-                summary = run_pipeline("open-qa", out, endpoint=f"http://127.0.0.1:{port}", rows=args.rows,
-                                       seed=args.seed, concurrency=concurrency)
+                summary = run_pipeline("open-qa", out, endpoint=endpoint, rows=args.rows, seed=args.seed,
+                                       concurrency=concurrency, progress=False)
                 elapsed = time.perf_counter() - started
                 results[concurrency] = (summary.rows_written / elapsed, summary.completion_tokens / elapsed)
                 print(f"concurrency {concurrency:3d}: {summary.rows_written} rows in {elapsed:6.1f} s = "
                       f"{results[concurrency][0]:6.2f} rows/s, {results[concurrency][1]:7.1f} completion tok/s "
                       f"({summary.llm_calls} calls, {summary.completion_tokens} completion tokens)", flush=True)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=60)
     low, high = min(results), max(results)
     ratio = results[high][0] / results[low][0]
     print(f"rows/s ratio concurrency {high} / {low}: {ratio:.2f}x (bar: >= 5x for 16 / 1)")
