@@ -20,9 +20,10 @@ import torch.distributed as dist
 from nemolite.errors import NemoliteError
 
 DEFAULT_MASTER_PORT = 29500
-# A collective waits at most this long; the driver sends a heartbeat while idle, so only a dead
-# or hung peer reaches it (default torch timeouts are 10-30 minutes).
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("NEMOLITE_DIST_TIMEOUT", 120)))
+# A collective waits at most this long: long enough for ranks that finish loading a 340B checkpoint
+# minutes apart (a dead peer's closed connection fails a collective at once); the idle driver sends a
+# heartbeat every 30 s so a server idle for hours never reaches it.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("NEMOLITE_DIST_TIMEOUT", 1800)))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
