@@ -157,11 +157,36 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, heads, _, head_dim = q.shape
     groups = k.shape[1]
     grouped = q.reshape(batch, groups, heads // groups, head_dim)
+    if q.device.type == "cpu" and groups <= PER_GROUP_MAX_GROUPS:
+        return _per_group_attention(grouped, k, v, mask).reshape(batch, heads, 1, head_dim)
     scores = torch.matmul(grouped, k.transpose(2, 3)) * head_dim ** -0.5  # [B, G, H/G, S]
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(batch, 1, 1, -1), float("-inf"))
     weights = scores.float().softmax(-1).to(v.dtype)
     return torch.matmul(weights, v).reshape(batch, heads, 1, head_dim)
+
+
+# On the CPU, K/V gathered from a paged cache arrive as transposed views that torch.matmul would copy
+# whole; one strided bmm per KV group reads them in place: 2-3x faster from batch 16 on (230 vs 470 us
+# a layer with G=2, 722 vs 1983 with G=8), but 2G small calls a layer cost more than the copy at batch 1
+# when G is large (234 vs 58 us, G=8). The rule depends on G only, never on the batch, so a sequence
+# gets bitwise the same attention alone or in any batch.
+PER_GROUP_MAX_GROUPS = 4
+
+
+def _per_group_attention(grouped: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """grouped q [B, G, H/G, hd], k/v [B, G, S, hd] (any strides) -> [B, G, H/G, hd]."""
+    batch, groups, _, head_dim = grouped.shape
+    keep = None if mask is None else mask.reshape(batch, 1, -1)
+    outputs = []
+    for group in range(groups):
+        scores = torch.bmm(grouped[:, group], k[:, group].transpose(1, 2)) * head_dim ** -0.5  # [B, H/G, S]
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        weights = scores.float().softmax(-1).to(v.dtype)
+        outputs.append(torch.bmm(weights, v[:, group]))
+    return torch.stack(outputs, dim=1)
 
 
 def offset_causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
