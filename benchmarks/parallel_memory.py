@@ -58,16 +58,13 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-class _WorkerReport:
-    """Workers leave LLM() through SystemExit once rank 0 is done; report their peak on the way out."""
+def report_worker_peak_at_exit() -> None:
+    """Workers leave LLM() through SystemExit once rank 0 is done; they report their peak on the way out."""
+    import atexit
 
-    @staticmethod
-    def install() -> None:
-        import atexit
-
-        rank = int(os.environ.get("RANK", "0"))
-        if rank:
-            atexit.register(lambda: print(json.dumps({"rank": rank, "peak_rss_gb": peak_rss_gb()}), flush=True))
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        atexit.register(lambda: print(json.dumps({"rank": rank, "peak_rss_gb": peak_rss_gb()}), flush=True))
 
 
 def main() -> None:
@@ -79,7 +76,7 @@ def main() -> None:
     parser.add_argument("--rank-main", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_main:
-        _WorkerReport.install()
+        report_worker_peak_at_exit()
         rank_main(args.rank_main, args.tp)
         return
     if not (args.dir / "config.json").is_file():

@@ -31,6 +31,11 @@ def reward_prompt(messages: list[dict]) -> str:
     return nemotron_chat_prompt(messages, add_generation_prompt=False) + REWARD_LABEL_PREFIX
 
 
+def reward_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """``reward_prompt(messages)`` tokenized as NeMo-Aligner does: no BOS, no EOS."""
+    return tokenizer.encode(reward_prompt(messages), add_bos=False)
+
+
 def attribute_names(count: int) -> tuple[str, ...]:
     """Names for a head with ``count`` outputs: the 340B-Reward names for nine, ``attribute_i`` otherwise."""
     return ATTRIBUTES if count == len(ATTRIBUTES) else tuple(f"attribute_{i}" for i in range(count))
@@ -87,7 +92,7 @@ async def score_conversation(engine, messages: list[dict],
 
     names = engine.config.reward_attributes
     weights = resolve_weights(weights, names)
-    token_ids = engine.tokenizer.encode(reward_prompt(messages), add_bos=False)
+    token_ids = reward_token_ids(engine.tokenizer, messages)
     final = None
     async for final in engine.generate(token_ids, SamplingParams(reward=True), stream=False):
         pass

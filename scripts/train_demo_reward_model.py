@@ -37,8 +37,8 @@ from nemolite.demo import DEMO_MODEL_PATH  # noqa: E402
 from nemolite.engine.llm import LLM  # noqa: E402
 from nemolite.engine.sampling_params import SamplingParams  # noqa: E402
 from nemolite.model import CausalLM  # noqa: E402
+from nemolite.reward import ATTRIBUTES, DEFAULT_WEIGHTS, reward_model_hf_config, reward_token_ids  # noqa: E402
 from nemolite.tokenizer import Tokenizer  # noqa: E402
-from nemolite.reward import ATTRIBUTES, DEFAULT_WEIGHTS, reward_model_hf_config, reward_prompt  # noqa: E402
 from scripts.train_demo_model import QUESTION_FORMS, collect_documents  # noqa: E402
 
 TRAINED = slice(4, 9)  # helpfulness, correctness, coherence, complexity, verbosity
@@ -151,8 +151,8 @@ def main() -> None:
     assert set(missing) == {"score.weight", "score.bias"} and set(unexpected) == {"lm_head.weight"}, (missing, unexpected)
     del base
     tokenizer = Tokenizer.from_pretrained(DEMO_MODEL_PATH, model_type="nemotron", bos_token_id=2, eos_token_ids=[3])
-    encode = [tokenizer.encode(reward_prompt(c), add_bos=False) for _, c, _, _ in train]
-    encode_test = [tokenizer.encode(reward_prompt(c), add_bos=False) for _, c, _, _ in test]
+    encode = [reward_token_ids(tokenizer, c) for _, c, _, _ in train]
+    encode_test = [reward_token_ids(tokenizer, c) for _, c, _, _ in test]
     log(f"{len(train)} training answers, {len(test)} held out "
         f"(longest {max(map(len, encode + encode_test))} tokens)")
 

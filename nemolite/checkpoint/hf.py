@@ -169,9 +169,6 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
                     continue  # another pipeline stage's
                 if entry.file not in handles:
                     handles[entry.file] = open(entry.file, "rb", buffering=0)
-                if not model.parallel.distributed:
-                    read_into(entry, params[name].data, handles[entry.file])
-                    continue
                 part = shard_slice(name, entry.shape, config, model.parallel)
                 if part is None:
                     read_into(entry, params[name].data, handles[entry.file])

@@ -45,14 +45,14 @@ class LLM:
         """Score one conversation or several with a reward model: the last message of each is the assistant
         response scored. Returns ``{"attributes": {name: value}, "score": weighted score}`` per conversation
         (weights: a list in head order or ``{attribute: weight}``; default HelpSteer2's)."""
-        from nemolite.reward import resolve_weights, reward_prompt, reward_result
+        from nemolite.reward import resolve_weights, reward_result, reward_token_ids
 
         conversations = conversations if conversations and isinstance(conversations[0], list) else [conversations]
         names = self.config.reward_attributes
         weights = resolve_weights(weights, names)
         params = SamplingParams(reward=True)
-        prompts = [reward_prompt(conversation) for conversation in conversations]
-        outputs = self._run([(p, self.tokenizer.encode(p, add_bos=False), params) for p in prompts], use_tqdm)
+        outputs = self._run([(None, reward_token_ids(self.tokenizer, conversation), params)
+                             for conversation in conversations], use_tqdm)
         return [reward_result(output.reward, names, weights) for output in outputs]
 
     def chat_params(self, sampling_params: SamplingParams | None) -> SamplingParams:

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
-from nemolite.reward import HELPSTEER2_ATTRIBUTES, resolve_weights, reward_prompt, reward_result
+from nemolite.reward import HELPSTEER2_ATTRIBUTES, resolve_weights, reward_result, reward_token_ids
 from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
 from nemolite.server.openai import ChatCompletionRequest, ChatMessage, Body, check_model
 
@@ -52,8 +52,7 @@ async def score(state: ServerState, request: Request, token_ids: list[list[int]]
 
 
 async def _score_conversations(state: ServerState, request: Request, conversations: list[list[ChatMessage]]):
-    token_ids = [engine_call(state.tokenizer.encode, engine_call(reward_prompt, [m.model_dump(exclude_none=True)
-                                                                                for m in messages]), add_bos=False)
+    token_ids = [engine_call(reward_token_ids, state.tokenizer, [m.model_dump(exclude_none=True) for m in messages])
                  for messages in conversations]
     return await score(state, request, token_ids)
 

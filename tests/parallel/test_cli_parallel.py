@@ -23,19 +23,24 @@ NEMO_BODY = {"sentences": ["Return the", "The list"], "tokens_to_generate": 10, 
 OPENAI_BODY = {"prompt": ["Return the", "The list"], "max_tokens": 10, "temperature": 0, "model": "nemolite-demo"}
 
 
-def test_generate_under_torchrun_prints_the_single_process_text():
-    single = subprocess.run([sys.executable, "-m", "nemolite", *GENERATE], env=environment(), capture_output=True,
+@pytest.fixture(scope="module")
+def single():
+    """``nemolite generate`` in one process: what the parallel runs must print."""
+    result = subprocess.run([sys.executable, "-m", "nemolite", *GENERATE], env=environment(), capture_output=True,
                             text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_generate_under_torchrun_prints_the_single_process_text(single):
     parallel = subprocess.run(torchrun(2, "-m", "nemolite", *GENERATE, "--tensor-parallel-size", "2"),
                               env=environment(), capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0 and parallel.returncode == 0, parallel.stderr[-2000:]
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
     assert parallel.stdout == single.stdout and len(single.stdout.strip()) > 10
 
 
-def test_generate_under_srun_environment():
+def test_generate_under_srun_environment(single):
     """srun's view (SLURM_PROCID/NTASKS/LOCALID, the job's node list): two tasks started by hand."""
-    single = subprocess.run([sys.executable, "-m", "nemolite", *GENERATE], env=environment(), capture_output=True,
-                            text=True, timeout=120)
     port = str(free_port())
     tasks = [subprocess.Popen([sys.executable, "-m", "nemolite", *GENERATE, "--tensor-parallel-size", "2"],
                               env={**environment(), "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2",
