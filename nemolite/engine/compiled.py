@@ -81,7 +81,7 @@ class CompiledDecoder:
         self.compile_seconds = 0.0
 
     def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches):
-        paged_kernel = input_ids.device.type == "cpu" and cpu_kernels.enabled()
+        paged_kernel = input_ids.device.type == "cpu" and cpu_kernels.loaded()
         attention = _GraphAttention(key_caches, value_caches, context_slots, context_mask, positions, paged_kernel)
         logits = self.model(input_ids[:, None], positions[:, None], cache=attention)[:, 0]
         return logits.float(), attention.new_keys, attention.new_values

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from nemolite.config import ModelConfig
+from nemolite.model import cpu_kernels
 from nemolite.model.layers import causal_attention
 
 
@@ -31,6 +32,7 @@ class AttentionMetadata:
     decode_context_slots: torch.Tensor | None  # [B_decode, max_context], padded with slot 0
     decode_mask: torch.Tensor | None  # [B_decode, 1, 1, max_context] True where a position is filled
     prefill_segments: list[PrefillSegment]
+    decode_lengths: torch.Tensor | None = None  # [B_decode] positions before each decode token
 
 
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,9 @@ class PagedKVCache:
             self.values.append(torch.empty(shape, dtype=dtype, device=device) if spec.has_kv_cache else None)
         self.metadata: AttentionMetadata | None = None
         self.device = torch.device(device)
+        # Decode attention read in place from the cache (cpu_kernels), else gathered and matmul'd.
+        self.paged_kernel = (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                             and cpu_kernels.load())
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -79,7 +84,13 @@ class PagedKVCache:
         values.index_copy_(0, metadata.slot_mapping, v[0].transpose(0, 1))
         decode = metadata.num_decode_tokens
         parts = []
-        if decode:
+        if decode and self.paged_kernel:
+            queries = q[0, :, :decode].transpose(0, 1)  # [B, H, hd]
+            out = torch.ops.nemolite.decode_attention(
+                queries, keys, values, metadata.decode_context_slots, metadata.decode_lengths,
+                k[0, :, :decode].transpose(0, 1), v[0, :, :decode].transpose(0, 1), q.shape[-1] ** -0.5)
+            parts.append(out.transpose(0, 1))  # [H, B, hd]
+        elif decode:
             # [B, max_context, G, hd] -> [B, G, max_context, hd]; one query per sequence.
             context_keys = gather_slots(keys, metadata.decode_context_slots).transpose(1, 2)
             context_values = gather_slots(values, metadata.decode_context_slots).transpose(1, 2)

@@ -27,6 +27,7 @@ class StepInputs:
             metadata, slot_mapping=metadata.slot_mapping.to(device),
             decode_context_slots=None if metadata.decode_context_slots is None else metadata.decode_context_slots.to(device),
             decode_mask=None if metadata.decode_mask is None else metadata.decode_mask.to(device),
+            decode_lengths=None if metadata.decode_lengths is None else metadata.decode_lengths.to(device),
             prefill_segments=[dataclasses.replace(s, context_slots=s.context_slots.to(device))
                               for s in metadata.prefill_segments])
         return StepInputs(self.token_ids.to(device), self.positions.to(device), moved, self.logits_indices.to(device))
@@ -132,14 +133,16 @@ class ModelRunner:
             if seq.params.prompt_logprobs is not None and scored_end > start:
                 prompt_ranges.append((seq, start, scored_end - start))
                 prompt_indices += range(offset, offset + scored_end - start)
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = decode_lengths = None
         if decode_seqs:
-            decode_slots, decode_mask = self.context_slots(decode_seqs, [s.num_computed_tokens + 1 for s in decode_seqs])
+            lengths = [s.num_computed_tokens for s in decode_seqs]
+            decode_slots, decode_mask = self.context_slots(decode_seqs, [n + 1 for n in lengths])
             decode_slots, decode_mask = decode_slots.to(self.device), decode_mask[:, None, None, :].to(self.device)
+            decode_lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
             num_decode_tokens=len(decode_seqs), decode_context_slots=decode_slots, decode_mask=decode_mask,
-            prefill_segments=segments)
+            prefill_segments=segments, decode_lengths=decode_lengths)
         inputs = StepInputs(torch.tensor([token_ids], device=self.device),
                             torch.tensor([positions], device=self.device), metadata,
                             torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=self.device))
