@@ -26,6 +26,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     engine.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="torch.compile the decode step: slower start, faster steady state")
+    engine.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the engine (default: OMP_NUM_THREADS, else all cores; serve and sdg "
+                             "leave one core to the HTTP side)")
     parallel = parser.add_argument_group("parallelism (launch one process per rank with torchrun or srun)")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                           help="split every layer over this many ranks (Megatron style)")
@@ -38,7 +41,7 @@ def engine_options(args) -> dict:
             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": not args.no_prefix_caching,
             "compile": args.compile, "tensor_parallel_size": args.tensor_parallel_size,
-            "pipeline_parallel_size": args.pipeline_parallel_size}
+            "pipeline_parallel_size": args.pipeline_parallel_size, "cpu_threads": args.threads}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:

@@ -87,9 +87,9 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, file=sys.stderr) as bar:
             while len(finished) < len(ids):
-                for output in self.engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
+                for request, done in self.engine.step_requests():
+                    if done:
+                        finished[request.request_id] = request.output(True)
                         bar.update(1)
         return [finished[request_id] for request_id in ids]
 

@@ -41,6 +41,7 @@ class EngineArgs:
     compile: bool = False  # torch.compile the decode step (minutes of compiling, then faster steps)
     tensor_parallel_size: int = 1  # > 1 or pipeline_parallel_size > 1: one process per rank (torchrun, srun)
     pipeline_parallel_size: int = 1
+    cpu_threads: int | None = None  # intra-op threads on the CPU (torch.set_num_threads); None: torch's choice
 
 
 @dataclasses.dataclass(slots=True)
@@ -76,6 +77,10 @@ class LLMEngine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.seed = seed
+        if args.cpu_threads is not None and self.device.type == "cpu":
+            if args.cpu_threads < 1:
+                raise NemoliteError(f"--threads must be >= 1, got {args.cpu_threads}")
+            torch.set_num_threads(args.cpu_threads)
         parallel = model.parallel
         num_blocks = self._num_blocks(args)
         if parallel.distributed:  # every rank holds the same block ids: the smallest budget rules
@@ -206,15 +211,21 @@ class LLMEngine:
         """Work left, or finished requests whose outputs the next step() still has to report."""
         return bool(self.requests) or self.scheduler.has_unfinished()
 
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; the outputs of every request that moved (finished ones leave)."""
+        return [request.output(finished) for request, finished in self.step_requests()]
+
+    @torch.inference_mode()
+    def step_requests(self) -> list[tuple[Request, bool]]:
+        """``step`` without the snapshots: (request, finished) of every request that moved, for a caller
+        that takes ``request.output(finished)`` of only those it reports, before the next step. Copying
+        every moved request's tokens each step cost 13% of a 16-sequence step of the demo model."""
         batch = self.scheduler.schedule()
         if self.block_manager.handed_out:
             self.runner.zero_blocks(self.block_manager.handed_out)
             self.block_manager.handed_out.clear()
         if not batch:
-            return [request.output(True) for request in self._pop_finished()]
+            return [(request, True) for request in self._pop_finished()]
         step = self.runner.execute(batch)
         logits, samplers = step.sample_logits, step.samplers
         self._score_prompts(step)
@@ -246,9 +257,9 @@ class LLMEngine:
                 seq.output.full_logprobs.append(full)
             self._append_token(seq, token, logprob, top)
             moved[seq.request_id] = self.requests[seq.request_id]
-        outputs = [request.output(request.finished) for request in moved.values()]
+        outputs = [(request, request.finished) for request in moved.values()]
         # Requests that finished without a token this step (max_tokens=0) are reported once, now.
-        outputs += [request.output(True) for request in self._pop_finished() if request.request_id not in moved]
+        outputs += [(request, True) for request in self._pop_finished() if request.request_id not in moved]
         return outputs
 
     def _score_prompts(self, step) -> None:
