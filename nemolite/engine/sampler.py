@@ -39,24 +39,29 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
 
 
-TOP_P_HEAD = 256  # top-p usually stops within the most likely few hundred tokens: rank those, not all V
+# Top-p usually stops within the few dozen likeliest tokens: rank those, then more only if needed.
+# torch's CPU topk changes method above k=64: 0.14 ms for k=64 and 1.5 ms for k=256 over [16, 4096].
+TOP_P_HEADS = (64, 256)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """logits [S, V] (already divided by temperature), top_k [S] (0 = off), top_p [S], min_p [S]:
     the logits with the tokens that top-k, then top-p, then min-p exclude set to -inf."""
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
-        logits = _top_k_top_p(logits, top_k, top_p, min(logits.shape[-1], TOP_P_HEAD))
+        logits = _top_k_top_p(logits, top_k, top_p, TOP_P_HEADS)
     if bool((min_p > 0).any()):
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int) -> torch.Tensor:
-    """Rank only the ``width`` most likely tokens of each row; when top-k or top-p already ends inside
-    them in every row (the usual case) nothing else can survive and that is exact. Otherwise rank all."""
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 widths: tuple[int, ...]) -> torch.Tensor:
+    """Rank only the ``widths[0]`` most likely tokens of each row; when top-k or top-p already ends
+    inside them in every row (the usual case) nothing else can survive and that is exact. Otherwise
+    try the next width, and finally rank all."""
     vocab = logits.shape[-1]
+    width = min(widths[0], vocab) if widths else vocab
     ranked_logits, order = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
     limit = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
     nucleus = top_p < 1.0  # top_p 1 is off: rounding must not cut the tail of the distribution
@@ -67,7 +72,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     probs = (ranked_logits - normaliser[:, None]).exp().masked_fill(drop, 0.0)
     unfiltered = (top_k <= 0) & ~nucleus
     if width < vocab and not bool((unfiltered | (limit <= width) | (nucleus & (probs.sum(-1) >= top_p))).all()):
-        return _top_k_top_p(logits, top_k, top_p, vocab)
+        return _top_k_top_p(logits, top_k, top_p, widths[1:])
     # A token goes when the tokens ranked above it already reach top_p; the first always stays.
     drop |= nucleus[:, None] & ((probs.cumsum(-1) - probs) >= top_p[:, None])
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, ~drop)
