@@ -115,7 +115,7 @@ async def ask_for_list(ask: Ask, prompt: str, n: int, reformat: Callable[[str], 
     seed) while the list is short; a long list is trimmed to ``n``. ``reformat(answer)`` is the prompt
     that asks the model to rewrite an unreadable answer as a YAML list. With ``parallel`` the top-ups
     after the first answer are asked all at once: the same items (the first ``n`` in attempt order),
-    sooner, for some calls that may turn out unneeded."""
+    sooner; those still running once the answers before them fill the list are cancelled."""
     async def attempt(number: int) -> list[str]:
         answer = await ask([{"role": "user", "content": prompt}], f"ask{number}")
         return await read_list(lambda m, tag: ask(m, f"ask{number}-{tag}"), answer, reformat(answer),
@@ -129,8 +129,18 @@ async def ask_for_list(ask: Ask, prompt: str, n: int, reformat: Callable[[str], 
 
     merge(await attempt(0))
     if parallel and len(items) < n:
-        for found in await asyncio.gather(*(attempt(number) for number in range(1, attempts))):
-            merge(found)
+        # Taken in attempt order, so the items are those of waiting for every answer; the answers
+        # after the first ones that fill the list are not needed, and are cancelled (the server stops them).
+        tasks = [asyncio.ensure_future(attempt(number)) for number in range(1, attempts)]
+        try:
+            for task in tasks:
+                merge(await task)
+                if len(items) >= n:
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     for number in range(1, 1 if parallel else attempts):
         if len(items) >= n:
             break

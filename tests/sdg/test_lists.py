@@ -83,3 +83,27 @@ def test_parallel_top_ups_give_the_same_items():
     assert asyncio.run(ask_for_list(parallel, "list 3", 3, lambda a: a, attempts=4, reformat_attempts=1,
                                     stats=ListStats(), parallel=True)) == expected
     assert len(asked) == 4
+
+
+def test_parallel_top_ups_stop_once_earlier_answers_fill_the_list():
+    """Attempt 2 finishes last but comes first in order: its items are used; attempt 3, not needed
+    once attempts 0-2 fill the list, is cancelled instead of awaited."""
+    cancelled = []
+
+    async def ask(messages, attempt):
+        if attempt == "ask2":
+            await asyncio.sleep(0.05)  # answers after ask3 has
+            return "1. c"
+        if attempt == "ask3":
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.append(attempt)
+                raise
+        return {"ask0": "1. a", "ask1": "1. b\n2. a", "ask3": "1. d"}[attempt]
+
+    async def run():
+        return await asyncio.wait_for(ask_for_list(ask, "list 3", 3, lambda a: a, attempts=4, reformat_attempts=1,
+                                                   stats=ListStats(), parallel=True), timeout=10)
+    assert asyncio.run(run()) == ["a", "b", "c"]
+    assert cancelled == ["ask3"]
