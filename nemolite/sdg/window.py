@@ -2,8 +2,8 @@
 
 A slot freed by a finished request goes at once to the next waiting one (no batch-and-wait, the
 NeMo-Curator pitfall of REFERENCE §8.3), and the window counts requests, not datapoints, so a wide
-pipeline cannot flood a server. Among waiting requests the one earliest in pipeline order goes first,
-so rows complete roughly in the order they are written and ``--rows`` wastes little work.
+pipeline cannot flood a server. Among waiting requests the one with the lowest priority goes first
+(the runner: shallowest node, then pipeline order; with one slot pipeline order alone).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class Window:
 
     @contextlib.asynccontextmanager
     async def slot(self, priority: tuple):
-        """Hold one of the window's slots; lower ``priority`` (a node's path) is served first."""
+        """Hold one of the window's slots; lower ``priority`` is served first."""
         await self._acquire(priority)
         try:
             yield

@@ -138,3 +138,16 @@ def test_every_pipeline_runs_on_the_demo_model(pipeline, demo_chat, tmp_path):
             assert row["chosen"] != row["rejected"]
         else:
             assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("rows", [None, 7])
+def test_output_does_not_depend_on_concurrency(tmp_path, rows):
+    """One request in flight runs nodes in pipeline order, several run the shallowest first: the
+    rows written, capped or not, are the same."""
+    files = []
+    for concurrency in (1, 8):
+        files.append(tmp_path / f"c{concurrency}.jsonl")
+        run_pipeline("open-qa", files[-1], llm=ScriptedChat(vocabulary=50), config=WIDE, seed=2, rows=rows,
+                     concurrency=concurrency)
+    assert files[0].read_text() == files[1].read_text() and read_rows(files[0])
+    assert rows is None or len(read_rows(files[0])) == rows
