@@ -57,27 +57,34 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  widths: tuple[int, ...]) -> torch.Tensor:
-    """Rank only the ``widths[0]`` most likely tokens of each row; when top-k or top-p already ends
-    inside them in every row (the usual case) nothing else can survive and that is exact. Otherwise
-    try the next width, and finally rank all."""
+    """Rank only the ``widths[0]`` most likely tokens of each row; where top-k or top-p already ends
+    inside them (the usual case) nothing else can survive and that is exact. The other rows try the
+    next width, and finally rank all; so a row's result never depends on the rows beside it."""
     vocab = logits.shape[-1]
     width = min(widths[0], vocab) if widths else vocab
     ranked_logits, order = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
     limit = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    cut = limit < vocab  # top-k removes tokens
     nucleus = top_p < 1.0  # top_p 1 is off: rounding must not cut the tail of the distribution
     drop = torch.arange(width, device=logits.device)[None, :] >= limit[:, None]
-    # Probabilities renormalised over the top-k survivors (over all V tokens when top-k is off).
-    normaliser = torch.where(top_k > 0, ranked_logits.masked_fill(drop, float("-inf")).logsumexp(-1),
+    # Probabilities renormalised over the top-k survivors (over all V tokens when top-k cuts none).
+    normaliser = torch.where(cut, ranked_logits.masked_fill(drop, float("-inf")).logsumexp(-1),
                              logits.logsumexp(-1))
     probs = (ranked_logits - normaliser[:, None]).exp().masked_fill(drop, 0.0)
-    unfiltered = (top_k <= 0) & ~nucleus
-    if width < vocab and not bool((unfiltered | (limit <= width) | (nucleus & (probs.sum(-1) >= top_p))).all()):
-        return _top_k_top_p(logits, top_k, top_p, widths[1:])
+    unfiltered = ~cut & ~nucleus
     # A token goes when the tokens ranked above it already reach top_p; the first always stays.
     drop |= nucleus[:, None] & ((probs.cumsum(-1) - probs) >= top_p[:, None])
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, ~drop)
     keep |= unfiltered[:, None]
-    return logits.masked_fill(~keep, float("-inf"))
+    filtered = logits.masked_fill(~keep, float("-inf"))
+    if width < vocab:
+        # Exact when: nothing is filtered; top-k's survivors are all ranked (the normaliser is theirs);
+        # or top-k cuts nothing and top-p ends inside the ranked tokens.
+        resolved = unfiltered | (cut & (limit <= width)) | (~cut & nucleus & (probs.sum(-1) >= top_p))
+        unresolved = (~resolved).nonzero()[:, 0]
+        if unresolved.numel():
+            filtered[unresolved] = _top_k_top_p(logits[unresolved], top_k[unresolved], top_p[unresolved], widths[1:])
+    return filtered
 
 
 def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[torch.Generator],

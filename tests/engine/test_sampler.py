@@ -66,6 +66,9 @@ def test_top_k_top_p_equal_a_full_sort(scale):
     for row in range(24):
         expected = reference_filter(logits[row], int(top_k[row]), float(top_p[row]))
         assert torch.equal(got[row].isinf(), expected.isinf()), row
+        # Alone too: a row whose top-k keeps more than the ranked head must not be decided by it.
+        alone = filter_logits(logits[row:row + 1], top_k[row:row + 1], top_p[row:row + 1], torch.zeros(1))
+        assert torch.equal(alone[0].isinf(), expected.isinf()), row
 
 
 def test_same_seed_same_tokens_and_other_seed_differs():
