@@ -67,7 +67,10 @@ class PagedKVCache:
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Blocks handed out anew hold stale or uninitialised memory; padded reads of their unused
-        slots must see finite values (a masked NaN still poisons ``0 * value``)."""
+        slots must see finite values (a masked NaN still poisons ``0 * value``). The paged kernel
+        reads only filled slots, and prefill gathers exact positions: then there is nothing to do."""
+        if self.paged_kernel:
+            return
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for cache in self.keys + self.values:
             if cache is not None:
