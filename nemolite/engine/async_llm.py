@@ -29,7 +29,8 @@ def shared_cpu_threads() -> int | None:
     tokenising or handing outputs over then preempts one of them and the whole step waits for it.
     On the 2-core machine we test on, the demo model's step at batch 1 took 8.4 ms in the server with
     2 threads and 4.6 ms with 1 (batch 16: 15.5 and 11.2 ms). vLLM's CPU backend likewise keeps cores
-    apart from its OpenMP threads. None (torch's choice) when OMP_NUM_THREADS says what to use."""
+    apart from its OpenMP threads. Steps with long prompts still use all cores (PREFILL_STEP_TOKENS).
+    None (torch's choice) when OMP_NUM_THREADS says what to use."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     return max(1, TORCH_THREADS - 1)
@@ -49,6 +50,8 @@ class AsyncLLM:
                  **engine_args):
         if engine_args.get("cpu_threads") is None:  # on the CPU: leave a core to the event loop
             engine_args["cpu_threads"] = shared_cpu_threads()
+            if engine_args["cpu_threads"] is not None:  # but not in steps of long prompts
+                engine_args.setdefault("cpu_prefill_threads", TORCH_THREADS)
         self.engine = LLMEngine.from_pretrained(model, dtype, device, seed, tokenizer, **engine_args)
         self.tokenizer, self.config = self.engine.tokenizer, self.engine.config
         self._lock = threading.Lock()  # guards _streams only, never held across a step
