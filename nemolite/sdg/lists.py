@@ -113,9 +113,9 @@ async def ask_for_list(ask: Ask, prompt: str, n: int, reformat: Callable[[str], 
                        parallel: bool = False) -> list[str]:
     """Up to ``n`` distinct items for ``prompt``: asked up to ``attempts`` times (each with its own
     seed) while the list is short; a long list is trimmed to ``n``. ``reformat(answer)`` is the prompt
-    that asks the model to rewrite an unreadable answer as a YAML list. With ``parallel`` the top-ups
-    after the first answer are asked all at once: the same items (the first ``n`` in attempt order),
-    sooner; those still running once the answers before them fill the list are cancelled."""
+    that asks the model to rewrite an unreadable answer as a YAML list. With ``parallel`` all attempts
+    are asked at once: the same items (the first ``n`` in attempt order), sooner; those still running
+    once the answers before them fill the list are cancelled."""
     async def attempt(number: int) -> list[str]:
         answer = await ask([{"role": "user", "content": prompt}], f"ask{number}")
         return await read_list(lambda m, tag: ask(m, f"ask{number}-{tag}"), answer, reformat(answer),
@@ -127,11 +127,10 @@ async def ask_for_list(ask: Ask, prompt: str, n: int, reformat: Callable[[str], 
         for item in found:
             items.setdefault(normalize(item), item)
 
-    merge(await attempt(0))
-    if parallel and len(items) < n:
-        # Taken in attempt order, so the items are those of waiting for every answer; the answers
+    if parallel:
+        # Taken in attempt order, so the items are those of asking one after another; the answers
         # after the first ones that fill the list are not needed, and are cancelled (the server stops them).
-        tasks = [asyncio.ensure_future(attempt(number)) for number in range(1, attempts)]
+        tasks = [asyncio.ensure_future(attempt(number)) for number in range(attempts)]
         try:
             for task in tasks:
                 merge(await task)
@@ -141,8 +140,9 @@ async def ask_for_list(ask: Ask, prompt: str, n: int, reformat: Callable[[str], 
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    for number in range(1, 1 if parallel else attempts):
+        return list(items.values())[:n]
+    for number in range(attempts):
+        merge(await attempt(number))
         if len(items) >= n:
             break
-        merge(await attempt(number))
     return list(items.values())[:n]

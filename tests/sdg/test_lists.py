@@ -73,7 +73,7 @@ def test_short_lists_are_topped_up_long_ones_trimmed():
                                     stats=ListStats())) == ["a", "b"]
 
 
-def test_parallel_top_ups_give_the_same_items():
+def test_parallel_attempts_give_the_same_items():
     answers = ["1. a", "1. b\n2. a", "1. c", "1. d"]
     sequential, asked = scripted(answers)
     expected = asyncio.run(ask_for_list(sequential, "list 3", 3, lambda a: a, attempts=4, reformat_attempts=1,
