@@ -88,6 +88,8 @@ class LLMEngine:
                 raise NemoliteError(f"--threads must be >= 1, got {args.cpu_threads}")
             torch.set_num_threads(args.cpu_threads)
             self._step_threads = (args.cpu_threads, args.cpu_prefill_threads or args.cpu_threads)
+        if self.device.type == "cpu" and not args.compile:  # compiling prepacks weights its own way (freezing)
+            model.prepack_linears()
         parallel = model.parallel
         num_blocks = self._num_blocks(args)
         if parallel.distributed:  # every rank holds the same block ids: the smallest budget rules

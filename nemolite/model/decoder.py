@@ -86,6 +86,15 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def prepack_linears(self) -> int:
+        """CPU inference: every Linear's weight in oneDNN's blocked layout, the plain copy freed except
+        a tied LM head's (the embedding reads it). Weights are read-only from then on. Returns how many
+        were packed (0 off the CPU or without oneDNN)."""
+        tied = self.lm_head is not None and self.model.embed_tokens is not None and \
+            self.lm_head.weight is self.model.embed_tokens.weight
+        return sum(module.prepack(keep_weight=tied and module is self.lm_head)
+                   for module in self.modules() if isinstance(module, Linear))
+
     def checkpoint_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters to fill, by checkpoint tensor name. A tied LM head on a last pipeline stage
         without the embedding is filled from the embedding's tensor."""

@@ -17,9 +17,25 @@ from nemolite.model import cpu_kernels
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same weights, same names) whose batch-1 bf16 CPU case may take the GEMV kernel."""
+    """nn.Linear (same weights, same names). On the CPU its weight may be prepacked for oneDNN
+    (``prepack``); otherwise a batch-1 bf16 case may take the GEMV kernel."""
+
+    packed: torch.Tensor | None = None
+
+    def prepack(self, keep_weight: bool = False) -> bool:
+        """Use a oneDNN-packed copy of the weight from now on (cpu_kernels.pack_weight); True when it
+        does. The plain weight's storage is freed unless ``keep_weight`` (another module shares it)."""
+        packed = cpu_kernels.pack_weight(self.weight)
+        if packed is None:
+            return False
+        self.packed = packed
+        if not keep_weight:
+            self.weight.data = self.weight.data.new_empty((0, self.in_features))
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_kernels.packed_linear(x, self.packed, self.bias)
         return cpu_kernels.linear(x, self.weight, self.bias)
 
 
