@@ -3,7 +3,9 @@
 Penalties (repetition as NeMo/HF apply it, OpenAI presence/frequency), ``min_tokens``
 banning, then greedy or temperature + top-k + top-p + min-p sampling. Sampling inverts the
 cumulative distribution at a uniform drawn from each sequence's own generator, so a row's token
-depends only on its logits and seed, never on what else shares the batch.
+depends only on its logits and seed, never on what else shares the batch. On the CPU the filters
+and the draw run in one kernel (cpu_kernels ``sample_rows``: a histogram instead of ranking the
+vocabulary) that draws the same tokens as the torch path below, which CUDA uses.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from nemolite.engine.outputs import Logprob
 from nemolite.engine.sampling_params import SamplingParams
+from nemolite.model import cpu_kernels
 
 # (token id, its logprob, {token: Logprob} when logprobs were asked, the [V] logprob row when full_logprobs)
 SampleResult = tuple[int, float, "dict[int, Logprob] | None", "torch.Tensor | None"]
@@ -87,6 +90,23 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     return filtered
 
 
+def draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+         min_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """A token per row of logits [S, V]: temperature, the filters, then the token where the cumulative
+    distribution (in token order) passes uniforms[i] in [0, 1). On the CPU one kernel does it without
+    ranking the vocabulary (0.24 instead of 1.8 ms at [16, 4096] with top-p), the same tokens."""
+    if logits.device.type == "cpu" and cpu_kernels.load():
+        return torch.ops.nemolite.sample_rows(logits, temperature, top_k, top_p, min_p, uniforms)
+    return draw_with_torch(logits, temperature, top_k, top_p, min_p, uniforms)
+
+
+def draw_with_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    cumulative = filter_logits(logits / temperature[:, None], top_k, top_p, min_p).softmax(-1).cumsum(-1)
+    drawn = torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True)[:, 0]
+    return drawn.clamp(max=logits.shape[-1] - 1)
+
+
 def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[torch.Generator],
            banned_ids: Rows[list[int] | None] | None = None) -> list[SampleResult]:
     """logits [S, V] -> a SampleResult per row.
@@ -101,24 +121,21 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
             if banned:
                 logits[row, banned] = float("-inf")
     logprobs = logits.log_softmax(-1)
-    tokens = logits.argmax(-1)
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
+    tokens = logits.argmax(-1) if len(sampled_rows) < len(params) else \
+        torch.zeros(len(params), dtype=torch.long, device=logits.device)
     if sampled_rows:
         device = logits.device
         rows = torch.tensor(sampled_rows, device=device)
         chosen = [params[row] for row in sampled_rows]
         temperature = torch.tensor([p.temperature for p in chosen], device=device)
-        scaled = filter_logits(logits[rows] / temperature[:, None],
-                               torch.tensor([min(max(p.top_k, 0), logits.shape[-1]) for p in chosen], device=device),
-                               torch.tensor([p.top_p for p in chosen], device=device),
-                               torch.tensor([p.min_p for p in chosen], device=device))
+        top_k = torch.tensor([min(max(p.top_k, 0), logits.shape[-1]) for p in chosen], device=device)
+        top_p = torch.tensor([p.top_p for p in chosen], device=device)
+        min_p = torch.tensor([p.min_p for p in chosen], device=device)
         # Inverse-CDF sampling: one uniform draw per row from its own generator (an exponential race
         # drew V of them per row and cost more than the rest of the sampler at batch 10).
-        cumulative = scaled.softmax(-1).cumsum(-1)
         uniforms = torch.cat([torch.rand(1, generator=generators[row], device=device) for row in sampled_rows])
-        targets = uniforms[:, None] * cumulative[:, -1:]
-        drawn = torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
-        tokens[rows] = drawn
+        tokens[rows] = draw(logits[rows], temperature, top_k, top_p, min_p, uniforms)
     token_list = tokens.tolist()
     token_logprobs = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     results = []

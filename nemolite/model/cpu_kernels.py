@@ -300,15 +300,137 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   return out;
 }
 
+// The CPU sampler's filters and draw for fp32 logits [R, V], one row at a time with its own
+// temperature, top_k (V: off), top_p (1: off), min_p (0: off) and uniform u in [0, 1): the rules of
+// nemolite/engine/sampler.py (which the torch path follows too) without ranking the vocabulary.
+// e = exp(logits / T - max) (0 for -inf logits); top-k keeps the k largest (ties in token order);
+// top-p keeps, in descending order, each token whose predecessors' mass is below top_p of the
+// top-k mass, found with a histogram of e's float bits and a sort of the one boundary bucket; min-p
+// keeps e >= min_p * max e; then the token where the cumulative kept mass, in token order, first
+// exceeds u * total. Returns the token ids [R].
+// Histogram buckets of e in [0, 1]: its float bits / 2^19, monotonic in e (1.0 is bucket 2032; a NaN
+// logit lands in the top one).
+constexpr int64_t SAMPLER_BUCKETS = 2048;
+static inline int64_t bucket_of(float e) {
+  uint32_t bits;
+  std::memcpy(&bits, &e, 4);
+  return std::min<uint32_t>(bits >> 19, SAMPLER_BUCKETS - 1);
+}
+
+// Zero every e below the boundary bucket; the boundary bucket's (e, token) into pool, largest first
+// (ties: lower token first).
+static void take_boundary(float* e, int64_t V, int64_t boundary, std::vector<std::pair<float, int32_t>>& pool) {
+  pool.clear();
+  for (int64_t i = 0; i < V; ++i) {
+    const int64_t bucket = bucket_of(e[i]);
+    if (bucket < boundary) e[i] = 0.f;
+    else if (bucket == boundary) pool.emplace_back(e[i], (int32_t)i);
+  }
+  std::sort(pool.begin(), pool.end(),
+            [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+}
+
+static void sample_row(const float* logits, int64_t V, float temperature, int64_t top_k, float top_p, float min_p,
+                       float u, float* e, std::vector<float>& mass, std::vector<int64_t>& count,
+                       std::vector<std::pair<float, int32_t>>& pool, int64_t* token) {
+  const __m512 t = _mm512_set1_ps(temperature);
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 live = lanes(V - i);
+    const __m512 x = _mm512_div_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, logits + i), t);
+    _mm512_mask_storeu_ps(e + i, live, x);
+    top = _mm512_max_ps(top, x);
+  }
+  const __m512 highest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 live = lanes(V - i);
+    const __m512 x = _mm512_maskz_loadu_ps(live, e + i);
+    const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    _mm512_mask_storeu_ps(e + i, live, _mm512_maskz_mov_ps(finite, exp_nonpositive(_mm512_sub_ps(x, highest))));
+  }
+  if (top_k < V) {  // the buckets from the top until k tokens, then the k - above largest of the last
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < V; ++i) ++count[bucket_of(e[i])];
+    int64_t above = 0, boundary = (int64_t)count.size() - 1;
+    for (; boundary > 0 && above + count[boundary] < top_k; --boundary) above += count[boundary];
+    take_boundary(e, V, boundary, pool);
+    for (int64_t n = 0; n < (int64_t)pool.size(); ++n)
+      if (above + n >= top_k) e[pool[n].second] = 0.f;
+  }
+  if (top_p < 1.f) {
+    // Buckets of 2^19 float bit patterns: monotonic in e >= 0, 2033 of them up to 1.0.
+    std::fill(mass.begin(), mass.end(), 0.f);
+    float total = 0.f;
+    for (int64_t i = 0; i < V; ++i) {
+      mass[bucket_of(e[i])] += e[i];
+      total += e[i];
+    }
+    const float target = top_p * total;
+    float before = 0.f;
+    int64_t boundary = (int64_t)mass.size() - 1;
+    for (; boundary > 0 && before + mass[boundary] < target; --boundary) before += mass[boundary];
+    take_boundary(e, V, boundary, pool);
+    for (const auto& [value, i] : pool) {
+      if (before >= target) e[i] = 0.f;
+      before += value;
+    }
+  }
+  if (min_p > 0.f) {  // the largest e is exactly 1 (exp(0)) and always survives the filters above
+    for (int64_t i = 0; i < V; ++i)
+      if (e[i] < min_p) e[i] = 0.f;
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < V; ++i) total += e[i];
+  const float target = u * total;
+  float cumulative = 0.f;
+  int64_t last = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    if (e[i] <= 0.f) continue;
+    cumulative += e[i];
+    last = i;
+    if (cumulative > target) break;
+  }
+  *token = last;
+}
+
+torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor temperature, torch::Tensor top_k, torch::Tensor top_p,
+                          torch::Tensor min_p, torch::Tensor uniforms) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == torch::kFloat, "sample_rows: fp32 logits [R, V]");
+  logits = logits.contiguous();
+  temperature = temperature.to(torch::kFloat).contiguous(); top_p = top_p.to(torch::kFloat).contiguous();
+  min_p = min_p.to(torch::kFloat).contiguous(); uniforms = uniforms.to(torch::kFloat).contiguous();
+  top_k = top_k.to(torch::kLong).contiguous();
+  const int64_t R = logits.size(0), V = logits.size(1);
+  auto tokens = torch::empty({R}, logits.options().dtype(torch::kLong));
+  const float* L = logits.data_ptr<float>();
+  const float *T = temperature.data_ptr<float>(), *P = top_p.data_ptr<float>(), *M = min_p.data_ptr<float>();
+  const float* U = uniforms.data_ptr<float>();
+  const int64_t* K = top_k.data_ptr<int64_t>();
+  int64_t* out = tokens.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(V), mass(SAMPLER_BUCKETS);
+    std::vector<int64_t> count(SAMPLER_BUCKETS);
+    std::vector<std::pair<float, int32_t>> pool;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t k = K[r] <= 0 ? V : std::min(K[r], V);
+      sample_row(L + r * V, V, T[r], k, P[r], M[r], U[r], e.data(), mass, count, pool, out + r);
+    }
+  });
+  return tokens;
+}
+
 // Real operators (not Python functions), so compiled graphs call them without the interpreter.
 TORCH_LIBRARY(nemolite, m) {
   m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("sample_rows(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor uniforms) "
+        "-> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor lengths, Tensor new_k, "
         "Tensor new_v, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("decode_attention", &decode_attention);
+  m.impl("sample_rows", &sample_rows);
 }
 """
 
@@ -342,7 +464,7 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load_inline
 
         log.info("loading the CPU kernels (the first time builds them with the C++ compiler, ~30 s)")
-        load_inline("nemolite_cpu_kernels_v8", cpp_sources=_SOURCE, is_python_module=False,
+        load_inline("nemolite_cpu_kernels_v10", cpp_sources=_SOURCE, is_python_module=False,
                     extra_cflags=["-O3", "-mavx512f", "-mavx512bf16", "-fopenmp"], extra_ldflags=["-fopenmp"],
                     verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: gathered attention and oneDNN

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemolite import SamplingParams
-from nemolite.engine.sampler import apply_penalties, filter_logits, make_generator, sample
+from nemolite.engine.sampler import apply_penalties, draw_with_torch, filter_logits, make_generator, sample
 from nemolite.errors import NemoliteError
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -69,6 +69,41 @@ def test_top_k_top_p_equal_a_full_sort(scale):
         # Alone too: a row whose top-k keeps more than the ranked head must not be decided by it.
         alone = filter_logits(logits[row:row + 1], top_k[row:row + 1], top_p[row:row + 1], torch.zeros(1))
         assert torch.equal(alone[0].isinf(), expected.isinf()), row
+
+
+@pytest.fixture(scope="module")
+def sample_rows():
+    from nemolite.model import cpu_kernels
+
+    if not cpu_kernels.load():
+        pytest.skip("no CPU kernels here: the torch path samples")
+    return torch.ops.nemolite.sample_rows
+
+
+@pytest.mark.parametrize("vocab", [4096, 50])
+def test_cpu_kernel_draws_what_the_draw_with_torch(sample_rows, vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    rows = 32
+    for scale in (0.5, 2.0, 5.0, 20.0):
+        logits = torch.randn(rows, vocab, generator=generator) * scale
+        logits[::3, :3] = float("-inf")  # banned tokens
+        temperature = torch.rand(rows, generator=generator) + 0.3
+        top_k = torch.tensor([0, 5, 300, vocab, 0, 1, 40, 0] * 4).clamp(max=vocab)
+        top_p = torch.tensor([0.9, 1.0, 0.5, 0.99, 0.999, 0.3, 1.0, 0.95] * 4)
+        min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.05, 0.0, 0.0, 0.2] * 4)
+        uniforms = torch.rand(rows, generator=generator)
+        got = sample_rows(logits, temperature, top_k, top_p, min_p, uniforms)
+        assert torch.equal(got, draw_with_torch(logits, temperature, top_k, top_p, min_p, uniforms)), scale
+        assert not (got[::3] < 3).any()
+
+
+def test_cpu_kernel_breaks_ties_in_token_order(sample_rows):
+    flat = torch.zeros(2000, 10)  # ten equal tokens: top-k 3 keeps 0-2; top-p 0.35 keeps 0-3 (0.3 < 0.35 before 3)
+    ones, uniforms = torch.ones(2000), torch.rand(2000, generator=torch.Generator().manual_seed(0))
+    top_k = sample_rows(flat, ones, torch.full((2000,), 3), ones, torch.zeros(2000), uniforms)
+    top_p = sample_rows(flat, ones, torch.zeros(2000, dtype=torch.long), torch.full((2000,), 0.35), torch.zeros(2000),
+                        uniforms)
+    assert set(top_k.tolist()) == {0, 1, 2} and set(top_p.tolist()) == {0, 1, 2, 3}
 
 
 def test_same_seed_same_tokens_and_other_seed_differs():
