@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import itertools
 import logging
 import os
@@ -61,6 +62,12 @@ class AsyncLLM:
         self.engine = LLMEngine.from_pretrained(model, dtype, device, seed, tokenizer, **engine_args)
         if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        # What exists now (torch, the model, the tokenizer) lives as long as the process: frozen out of
+        # the cyclic GC, an oldest-generation collection scans only what requests allocated since.
+        # Unfrozen, each took up to 190 ms of the engine thread (4 in a 15 s SDG run at concurrency 16).
+        # vLLM's API server freezes its startup heap the same way.
+        gc.collect()
+        gc.freeze()
         self.tokenizer, self.config = self.engine.tokenizer, self.engine.config
         self._lock = threading.Lock()  # guards _streams only, never held across a step
         self._wake = threading.Event()
