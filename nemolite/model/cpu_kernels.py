@@ -504,15 +504,20 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     one thread) 1.62 instead of 1.94 ms at batch 1 and 2.99 instead of 4.86 ms at batch 16 in fp32,
     1.78 instead of 2.39 at batch 16 in bf16. oneDNN computes each row the same way at any batch size
     there (checked for 1 to 600 rows, fp32 and bf16), so a sequence's logits do not depend on its batch."""
-    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
-        return None
-    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    if weight.dtype not in (torch.float32, torch.bfloat16):
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
-    except RuntimeError as error:  # a oneDNN build without this case: the plain path stays
+        if not torch.backends.mkldnn.is_available() or (
+                weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return None
+        weight = weight.detach().contiguous()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        probe = torch.ones(1, weight.shape[1], dtype=weight.dtype)  # a build that packs but cannot run it
+        if not torch.allclose(packed_linear(probe, packed, None).float(), F.linear(probe, weight).float(),
+                              rtol=1e-2, atol=1e-2):
+            return None
+        return packed
+    except (RuntimeError, AttributeError) as error:  # an older torch or a oneDNN build without this case
         log.debug("oneDNN weight prepacking unavailable: %s", error)
         return None
 
