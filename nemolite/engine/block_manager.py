@@ -1,13 +1,18 @@
 """Blocks of the paged KV cache: a free list, reference counts and a prefix cache.
 
-A full block is hashed by its token ids and its parent block's hash, and registered once its
-K/V are computed. A new sequence whose leading blocks hash the same reuses them (reference
+A full block is keyed by a SHA-256 digest of its parent block's digest and its token ids, and
+registered once its K/V are computed. The digest chains the whole prefix, so a block is reused only
+after the same tokens from the very first one; a cryptographic hash keeps a client from forging a
+collision with another client's prompt (Python's ``hash`` of ints and tuples is predictable), as vLLM's
+``--prefix-caching-hash-algo sha256`` does. A new sequence whose leading blocks hash the same reuses them (reference
 count + 1) instead of recomputing. Freed blocks keep their hash until they are handed out
 again, oldest first, so a shared prefix survives between requests while memory allows.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from nemolite.engine.sequence import Sequence
@@ -19,12 +24,16 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None
+        self.hash: bytes | None = None
         self.token_ids: tuple[int, ...] = ()
 
 
-def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent_hash, token_ids))
+def block_hash(parent_hash: bytes | None, token_ids: tuple[int, ...], extra: bytes = b"") -> bytes:
+    """The prefix-cache key of a full block; ``extra`` is whatever else changes its K/V (an adapter)."""
+    digest = hashlib.sha256(parent_hash or b"")
+    digest.update(array("q", token_ids).tobytes())
+    digest.update(extra)
+    return digest.digest()
 
 
 class BlockManager:
@@ -32,7 +41,7 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.enable_prefix_caching = enable_prefix_caching
         self.handed_out: list[int] = []  # blocks given out since the engine last cleared them
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -56,7 +65,7 @@ class BlockManager:
         """
         tokens, size = seq.token_ids, self.block_size
         cached: list[Block] = []
-        hashes: list[int] = []
+        hashes: list[bytes] = []
         parent = None
         # The block holding the last token is always recomputed: the model must see that token.
         # Prompt logprobs need every prompt position computed, so such requests take no cached blocks.

@@ -33,7 +33,7 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # hash of each full block whose KV is computed, in order
+        self.block_hashes: list[bytes] = []  # prefix-cache digest of each full block whose KV is computed, in order
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache
         self.generator = generator

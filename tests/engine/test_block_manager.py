@@ -91,3 +91,27 @@ def test_append_slots_grows_by_blocks():
     a.token_ids.append(5)
     manager.append_slots(a, 1)
     assert len(a.block_table) == 2 and len(a.block_hashes) == 1
+
+
+def test_a_forged_key_collision_reuses_nothing(monkeypatch):
+    from nemolite.engine import block_manager
+
+    # An attacker who can make the key of (their prefix, B) equal the key of (a victim's prefix, B) would
+    # get the victim's K/V for B, computed after the victim's secret prefix. Python's hash of int tuples
+    # is deterministic and easy to collide; simulate a perfect collision of it and check nothing leaks.
+    victim_b, real_hash = (5, 6, 7, 8), hash
+    monkeypatch.setattr("builtins.hash", lambda value: 0 if isinstance(value, tuple) and value[-1:] == (victim_b,)
+                        else real_hash(value))
+    manager = BlockManager(16, BLOCK)
+    victim = seq([1, 2, 3, 4, *victim_b, 9], seq_id=0)
+    attacker_prefix = seq([9, 9, 9, 9, 0], seq_id=1)
+    for s in (victim, attacker_prefix):
+        assert manager.allocate(s)
+        compute_all(manager, s)
+    attacker = seq([9, 9, 9, 9, *victim_b, 0], seq_id=2)
+    assert manager.allocate(attacker)
+    assert attacker.num_cached_tokens == BLOCK  # its own first block only
+    assert not set(attacker.block_table) & set(victim.block_table)
+    key = block_manager.block_hash(None, (1, 2, 3, 4))
+    assert isinstance(key, bytes) and len(key) == 32
+    assert key != block_manager.block_hash(None, (1, 2, 3, 4), extra=b"adapter-a")
