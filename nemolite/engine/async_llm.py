@@ -73,6 +73,7 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._commands: collections.deque = collections.deque()
         self._streams: dict[str, _Stream] = {}
+        self._num_sequences = 0
         self._ids = itertools.count()
         self._stats = self.engine.stats()
         self._closed = False
@@ -80,44 +81,50 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._run, name="nemolite-engine", daemon=True)
         self._thread.start()
 
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    request_id: str | None = None, stream: bool = True) -> "RequestStream":
+        """Hand one request to the engine now (validated here, in the caller: bad input raises
+        NemoliteError) and return its stream of outputs. Call from a running event loop; a stream that
+        is dropped unfinished aborts its request."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        self.engine.validate_request(prompt_token_ids, params)
+        stream_ = _Stream(asyncio.get_running_loop(), params.n, final_only=not stream)
+        with self._lock:
+            request_id = f"async-{next(self._ids)}" if request_id is None else request_id
+            if request_id in self._streams:
+                raise NemoliteError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream_
+            self._num_sequences += params.n
+        self._commands.append((request_id, prompt, list(prompt_token_ids), params))
+        self._wake.set()
+        return RequestStream(self, request_id, stream_)
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
                        request_id: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request as it progresses; leaving early aborts the request.
         With ``stream=False`` only the first output with a token and the final one come (no wake-up
         per step for a caller that wants the end result)."""
-        if self.dead is not None:
-            raise EngineDeadError(f"the engine stopped: {self.dead}")
-        self.engine.validate_request(prompt_token_ids, params)  # bad input fails here, in the caller
-        stream = _Stream(asyncio.get_running_loop(), final_only=not stream)
-        with self._lock:
-            request_id = f"async-{next(self._ids)}" if request_id is None else request_id
-            if request_id in self._streams:
-                raise NemoliteError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = stream
-        self._commands.append((request_id, prompt, list(prompt_token_ids), params))
-        self._wake.set()
-        finished = False
+        request = self.add_request(prompt_token_ids, params, prompt, request_id, stream)
         try:
-            while not finished:
-                await stream.ready.wait()
-                stream.ready.clear()
-                item, stream.latest = stream.latest, None
-                if isinstance(item, BaseException):
-                    raise item if isinstance(item, NemoliteError) else EngineDeadError(f"the engine stopped: {item}")
-                if item is None:
-                    continue
-                finished = item.finished
-                yield item
+            async for output in request:
+                yield output
         finally:
-            if not finished:
-                self.abort(request_id)
+            request.abort()
 
     def abort(self, request_id: str) -> None:
         """Stop a request; the engine frees its KV blocks before its next step."""
         with self._lock:
-            self._streams.pop(request_id, None)
+            self._forget(request_id)
         self._commands.append(request_id)
         self._wake.set()
+
+    def _forget(self, request_id: str) -> "_Stream | None":
+        """Drop a request's stream (call with the lock held)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._num_sequences -= stream.num_sequences
+        return stream
 
     def stats(self) -> dict[str, float]:
         """The engine's counters as of its last step or command (never waits for a step)."""
@@ -127,6 +134,11 @@ class AsyncLLM:
     def num_requests(self) -> int:
         """Requests added and not yet finished or aborted."""
         return len(self._streams)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences (``n`` per request) of the requests added and not yet finished or aborted."""
+        return self._num_sequences
 
     def shutdown(self) -> None:
         self._closed = True
@@ -140,14 +152,18 @@ class AsyncLLM:
             command = self._commands.popleft()
             applied = True
             if isinstance(command, str):
+                with self._lock:
+                    self._forget(command)
                 self.engine.abort_request(command)
                 continue
             request_id = command[0]
             try:
                 self.engine.add_request(*command)
-            except NemoliteError as error:  # raced with something that changed since validation
+            except Exception as error:  # noqa: BLE001 - this request's own failure: tell its caller alone
+                if not isinstance(error, NemoliteError):
+                    log.exception("adding request %s failed", request_id)
                 with self._lock:
-                    stream = self._streams.pop(request_id, None)
+                    stream = self._forget(request_id)
                 if stream is not None:
                     _deliver([(stream, error)])
         return applied
@@ -174,28 +190,77 @@ class AsyncLLM:
                 log.exception("engine step failed")
                 self.dead = error
                 with self._lock:
-                    streams, self._streams = list(self._streams.values()), {}
+                    streams, self._streams, self._num_sequences = list(self._streams.values()), {}, 0
                 _deliver([(stream, error) for stream in streams])
                 return
             targets = []
             with self._lock:
                 for request, finished in moved:
-                    stream = self._streams.pop(request.request_id, None) if finished else \
-                        self._streams.get(request.request_id)
+                    stream = self._forget(request.request_id) if finished else self._streams.get(request.request_id)
                     if stream is not None and (finished or not stream.final_only or not stream.started):
                         stream.started = True
                         targets.append((stream, request, finished))
-            _deliver([(stream, request.output(finished)) for stream, request, finished in targets])
+            _deliver([(stream, request.error if request.error is not None else request.output(finished))
+                      for stream, request, finished in targets])
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed in the engine for a reason that is not its input's fault (a bug it hit);
+    the engine went on with every other request."""
+
+
+class RequestStream:
+    """The outputs of one request added with ``AsyncLLM.add_request``: iterate it (cumulative outputs,
+    the last one finished); ``abort()`` stops it. Its request's failure is raised by the iteration:
+    NemoliteError when the input was at fault, RequestFailedError otherwise, EngineDeadError when the
+    engine itself stopped."""
+
+    def __init__(self, engine: AsyncLLM, request_id: str, stream: "_Stream"):
+        self.engine, self.request_id, self._stream = engine, request_id, stream
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._outputs()
+
+    async def _outputs(self) -> AsyncIterator[RequestOutput]:
+        stream = self._stream
+        while not self.finished:
+            await stream.ready.wait()
+            stream.ready.clear()
+            item, stream.latest = stream.latest, None
+            if isinstance(item, BaseException):
+                self.finished = True
+                if isinstance(item, NemoliteError):
+                    raise item
+                if self.engine.dead is not None:
+                    raise EngineDeadError(f"the engine stopped: {item}")
+                raise RequestFailedError(f"this request failed in the engine ({type(item).__name__}: {item}); "
+                                         "the server logged it") from item
+            if item is None:
+                continue
+            self.finished = item.finished
+            yield item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+    def __del__(self) -> None:  # a stream nobody reads any more (a response that never started)
+        if not self.finished:  # no lock here: the collector may run on the engine thread while it holds it
+            self.engine._commands.append(self.request_id)
+            self.engine._wake.set()
 
 
 class _Stream:
     """Where the engine thread leaves a request's newest output. Outputs are cumulative, so a consumer
     slower than the engine skips intermediate snapshots instead of queueing them."""
 
-    __slots__ = ("loop", "ready", "latest", "final_only", "started")
+    __slots__ = ("loop", "ready", "latest", "final_only", "started", "num_sequences")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
+    def __init__(self, loop: asyncio.AbstractEventLoop, num_sequences: int, final_only: bool = False):
         self.loop = loop
+        self.num_sequences = num_sequences
         self.final_only = final_only  # deliver the first output and the last one only
         self.started = False
         self.ready = asyncio.Event()

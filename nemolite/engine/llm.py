@@ -64,13 +64,16 @@ class LLM:
         request_id = self.engine.add_request(None, None, list(prompt_token_ids), params)
         streamed, output = 0, None
         while output is None or not output.finished:
-            for result in self.engine.step():
-                if result.request_id == request_id:
-                    output = result
-                    text = result.outputs[0].text
-                    if len(text) > streamed:
-                        on_text(text[streamed:])
-                        streamed = len(text)
+            for request, done in self.engine.step_requests():
+                if request.request_id != request_id:
+                    continue
+                if request.error is not None:
+                    raise request.error
+                output = request.output(done)
+                text = output.outputs[0].text
+                if len(text) > streamed:
+                    on_text(text[streamed:])
+                    streamed = len(text)
         return output.outputs[0]
 
     def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
@@ -88,6 +91,10 @@ class LLM:
         with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2, file=sys.stderr) as bar:
             while len(finished) < len(ids):
                 for request, done in self.engine.step_requests():
+                    if request.error is not None:
+                        for request_id in ids:
+                            self.engine.abort_request(request_id)
+                        raise request.error
                     if done:
                         finished[request.request_id] = request.output(True)
                         bar.update(1)

@@ -1,37 +1,47 @@
 """LLMEngine: requests in, one scheduled step at a time, RequestOutputs out.
 
-Owns the paged KV cache, the block manager, the scheduler and the model runner; turns each
-sampled token into text and applies the stop rules. Knows nothing of HTTP or threads.
+Owns the paged KV cache, the block manager, the scheduler and the model runner; the output
+processor turns each sampled token into text and applies the stop rules. Knows nothing of HTTP or
+threads.
+
+A failure that one request causes (its data, or a bug only its parameters reach) ends that request
+alone, with the error kept on it for its caller; every other request of the step goes on with the
+tokens it would have had. Only an engine fault (out of memory, a device or collective error)
+propagates out of ``step``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-
+import logging
 from pathlib import Path
 
 import torch
 
 from nemolite.checkpoint import load_checkpoint, resolve_model_path
 from nemolite.engine.block_manager import BlockManager
+from nemolite.engine.kv_budget import num_kv_blocks
 from nemolite.engine.kv_cache import PagedKVCache
-from nemolite.engine.outputs import CompletionOutput, RequestOutput
-from nemolite.engine.runner import ModelRunner
-from nemolite.engine.sampler import apply_penalties, logprob_entry, make_generator, sample
+from nemolite.engine.output_processor import OutputProcessor
+from nemolite.engine.outputs import RequestOutput
+from nemolite.engine.request import Request
+from nemolite.engine.runner import ModelRunner, StepLogits
+from nemolite.engine.sampler import apply_penalties, make_generator, needs_processing, sample
 from nemolite.engine.sampling_params import SamplingParams
-from nemolite.engine.scheduler import Scheduler
+from nemolite.engine.scheduler import ScheduledBatch, Scheduler
 from nemolite.engine.sequence import Sequence
+from nemolite.engine.validation import RequestLimits, validate_request
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
 
+log = logging.getLogger(__name__)
 
 # A step with this many prompt tokens is made of GEMMs big enough to gain from every core even while
 # an event loop shares them: demo-model prefill ran at 5.9k tok/s on one core of the 2-core box and
 # 10.0k on two, where decode steps of small GEMMs got slower with two (see async_llm.shared_cpu_threads).
 PREFILL_STEP_TOKENS = 128
-DEFAULT_CPU_KV_BYTES = 2e9  # the CPU default, as vLLM's VLLM_CPU_KVCACHE_SPACE; --kv-cache-gb overrides it
 
 
 @dataclasses.dataclass(slots=True)
@@ -47,30 +57,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     cpu_threads: int | None = None  # intra-op threads on the CPU (torch.set_num_threads); None: torch's choice
     cpu_prefill_threads: int | None = None  # for steps with PREFILL_STEP_TOKENS or more prompt tokens; None: the same
-
-
-@dataclasses.dataclass(slots=True)
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-
-    def output(self, final: bool) -> RequestOutput:
-        """A snapshot the caller may keep while the engine goes on."""
-        prompt_logprobs = self.seqs[0].prompt_logprobs
-        if prompt_logprobs is None and self.seqs[0].params.prompt_logprobs is not None and len(self.prompt_token_ids) == 1:
-            prompt_logprobs = [None]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [_snapshot(seq) for seq in self.seqs], finished=final,
-                             prompt_logprobs=None if prompt_logprobs is None else list(prompt_logprobs),
-                             prompt_full_logprobs=None if self.seqs[0].prompt_full_logprobs is None
-                             else list(self.seqs[0].prompt_full_logprobs),
-                             reward=self.seqs[0].reward)
-
-    @property
-    def finished(self) -> bool:
-        return all(seq.finished for seq in self.seqs)
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
 
 class LLMEngine:
@@ -91,7 +78,9 @@ class LLMEngine:
         if self.device.type == "cpu" and not args.compile:  # compiling prepacks weights its own way (freezing)
             model.prepack_linears()
         parallel = model.parallel
-        num_blocks = self._num_blocks(args)
+        num_blocks = num_kv_blocks(model.local_config, self.config.max_position_embeddings, args.block_size,
+                                   args.max_num_seqs, self.dtype, self.device, args.kv_cache_gb,
+                                   args.kv_cache_fraction)
         if parallel.distributed:  # every rank holds the same block ids: the smallest budget rules
             count = torch.tensor([num_blocks], device=self.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
@@ -105,10 +94,11 @@ class LLMEngine:
             self.runner = ParallelRunner(model, self.cache, self.device, parallel)
         else:
             self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile)
+        self.output_processor = OutputProcessor(tokenizer, self.config)
         self.requests: dict[str, Request] = {}
+        self._failed: dict[str, Request] = {}  # requests that failed since the last step reported them
         self._seq_ids = itertools.count()
         self._request_counter = itertools.count()
-        self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
 
     @classmethod
@@ -139,28 +129,6 @@ class LLMEngine:
         """Release what the engine holds beyond memory: in a parallel job, stop the other ranks."""
         self.runner.close()
 
-    def _num_blocks(self, args: EngineArgs) -> int:
-        per_block = PagedKVCache.bytes_per_block(self.model.local_config, args.block_size, self.dtype)
-        if per_block == 0:  # no attention layer at all: blocks cost nothing
-            return args.max_num_seqs * -(-self.config.max_position_embeddings // args.block_size)
-        if args.kv_cache_gb is not None and args.kv_cache_fraction is not None:
-            raise NemoliteError("give --kv-cache-gb or --kv-cache-fraction, not both")
-        if args.kv_cache_fraction is not None:
-            if not 0 < args.kv_cache_fraction <= 0.95:
-                raise NemoliteError(f"--kv-cache-fraction must be in (0, 0.95], got {args.kv_cache_fraction}")
-            budget = args.kv_cache_fraction * _free_memory(self.device)
-        elif args.kv_cache_gb is not None:
-            budget = args.kv_cache_gb * 1e9
-        else:
-            wanted = args.max_num_seqs * self.config.max_position_embeddings * per_block / args.block_size
-            budget = min(wanted, 0.25 * _free_memory(self.device),
-                         float("inf") if self.device.type == "cuda" else DEFAULT_CPU_KV_BYTES)
-        num_blocks = int(budget // per_block)
-        if num_blocks < 1:
-            raise NemoliteError(f"a KV cache of {budget / 1e9:.3f} GB holds no block of {per_block} bytes; "
-                                "raise --kv-cache-gb")
-        return num_blocks
-
     def add_request(self, request_id: str | None, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> str:
         request_id = str(next(self._request_counter)) if request_id is None else request_id
@@ -186,24 +154,10 @@ class LLMEngine:
         return request_id
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise NemoliteError for a request this engine can never run; reads nothing that steps change."""
-        context = self.config.max_position_embeddings
-        if not prompt_token_ids:
-            raise NemoliteError("the prompt is empty; give at least one token")
-        if len(prompt_token_ids) >= context:
-            raise NemoliteError(f"the prompt has {len(prompt_token_ids)} tokens but the model's context is "
-                                f"{context}; shorten the prompt")
-        if params.reward != self.config.is_reward_model:
-            raise NemoliteError("this is a reward model: it scores conversations (POST /v1/reward) and generates "
-                                "no text" if self.config.is_reward_model else
-                                "this model has no reward head; serve a reward model to score responses")
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise NemoliteError(f"prompt token ids must be in [0, {vocab})")
-        longest = min(context, len(prompt_token_ids) + (params.max_tokens if params.max_tokens is not None else context))
-        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
-            raise NemoliteError(f"the KV cache ({self.block_manager.num_blocks} blocks of {self.args.block_size} "
-                                f"tokens) cannot hold {longest} tokens; raise --kv-cache-gb or lower max_tokens")
+        """Raise NemoliteError for a request this engine must not run (see nemolite.engine.validation)."""
+        validate_request(prompt_token_ids, params, self.config,
+                         self.block_manager.num_blocks * self.args.block_size, self.args.limits,
+                         self.tokenizer.eos_token_ids)
 
     def _seed(self, params: SamplingParams, index: int) -> int:
         base = params.seed if params.seed is not None else self.seed * 1_000_003 + next(self._request_counter)
@@ -218,7 +172,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Work left, or finished requests whose outputs the next step() still has to report."""
-        return bool(self.requests) or self.scheduler.has_unfinished()
+        return bool(self.requests) or bool(self._failed) or self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; the outputs of every request that moved (finished ones leave)."""
@@ -228,114 +182,142 @@ class LLMEngine:
     def step_requests(self) -> list[tuple[Request, bool]]:
         """``step`` without the snapshots: (request, finished) of every request that moved, for a caller
         that takes ``request.output(finished)`` of only those it reports, before the next step. Copying
-        every moved request's tokens each step cost 13% of a 16-sequence step of the demo model."""
+        every moved request's tokens each step cost 13% of a 16-sequence step of the demo model.
+        A request that failed comes with ``request.error`` set and finished True."""
         batch = self.scheduler.schedule()
         if self.block_manager.handed_out:
             self.runner.zero_blocks(self.block_manager.handed_out)
             self.block_manager.handed_out.clear()
-        if not batch:
-            return [(request, True) for request in self._pop_finished()]
-        if self._step_threads is not None and self._step_threads[0] != self._step_threads[1]:
-            prefill = sum(num_tokens for _, num_tokens in batch if num_tokens > 1) >= PREFILL_STEP_TOKENS
-            threads = self._step_threads[prefill]
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-        step = self.runner.execute(batch)
+        moved: dict[str, Request] = {}
+        if batch:
+            if self._step_threads is not None and self._step_threads[0] != self._step_threads[1]:
+                prefill = sum(num_tokens for _, num_tokens in batch if num_tokens > 1) >= PREFILL_STEP_TOKENS
+                threads = self._step_threads[prefill]
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+            for part, step in self._execute(batch):
+                self._process(part, step, moved)
+        outputs = [(request, request.finished) for request in moved.values() if request.error is None]
+        # Requests that finished without a token this step (max_tokens=0) are reported once, now.
+        outputs += [(request, True) for request in self._pop_finished() if request.request_id not in moved]
+        failed, self._failed = list(self._failed.values()), {}
+        return outputs + [(request, True) for request in failed]
+
+    def _execute(self, batch: ScheduledBatch) -> list[tuple[ScheduledBatch, StepLogits]]:
+        """The forward pass of ``batch``. If it fails for another reason than an engine fault, each
+        request's sequences run again on their own (writing the same K/V again), so that only the
+        request whose data fails is failed. Not under TP/PP: every rank must run the same steps."""
+        try:
+            return [(batch, self.runner.execute(batch))]
+        except Exception as error:  # noqa: BLE001 - sorted out below
+            if is_engine_fault(error) or self.model.parallel.distributed:
+                raise
+            first_error = error
+        by_request: dict[str, ScheduledBatch] = {}
+        for seq, num_tokens in batch:
+            by_request.setdefault(seq.request_id, []).append((seq, num_tokens))
+        if len(by_request) == 1:
+            self._fail(batch[0][0].request_id, first_error)
+            return []
+        steps = []
+        for request_id, part in by_request.items():
+            try:
+                steps.append((part, self.runner.execute(part)))
+            except Exception as error:  # noqa: BLE001
+                if is_engine_fault(error):
+                    raise
+                self._fail(request_id, error)
+        return steps
+
+    def _process(self, batch: ScheduledBatch, step: StepLogits, moved: dict[str, Request]) -> None:
+        """Everything after the forward pass, per sequence, each failure confined to its request."""
         logits, samplers = step.sample_logits, step.samplers
         self._score_prompts(step)
         for seq, num_tokens in batch:
-            self.block_manager.mark_computed(seq, num_tokens)
-            if seq.num_output_tokens == 0:
-                self.num_prompt_tokens += num_tokens
-        if self.config.is_reward_model:  # the rows are rewards, not logits
-            for row, seq in enumerate(samplers):
-                seq.reward = logits[row].tolist()
-            logits = logits[:0]
-        if any(seq.params.max_tokens == 0 for seq in samplers):  # prompts run only to be scored
-            keep = [row for row, seq in enumerate(samplers) if seq.params.max_tokens != 0]
-            for seq in samplers:
-                if seq.params.max_tokens == 0:
-                    seq.output.finish_reason = "length"
-                    self.scheduler.finish(seq)
-            logits, samplers = logits[keep], [samplers[row] for row in keep]
+            if not seq.finished:
+                self.block_manager.mark_computed(seq, num_tokens)
+                if seq.num_output_tokens == 0:
+                    self.num_prompt_tokens += num_tokens
+        rows = []
         for row, seq in enumerate(samplers):
-            params = seq.params
-            if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
-                apply_penalties(logits[row], params, seq.prompt_token_ids, seq.output.token_ids)
-        banned = [self._banned(seq) for seq in samplers]
-        results = sample(logits, [seq.params for seq in samplers], [seq.generator for seq in samplers],
-                         banned) if samplers else []
-        moved = {}
-        for seq, (token, logprob, top, full) in zip(samplers, results):
-            if full is not None:
-                seq.output.full_logprobs.append(full)
-            self._append_token(seq, token, logprob, top)
-            moved[seq.request_id] = self.requests[seq.request_id]
-        outputs = [(request, request.finished) for request in moved.values()]
-        # Requests that finished without a token this step (max_tokens=0) are reported once, now.
-        outputs += [(request, True) for request in self._pop_finished() if request.request_id not in moved]
-        return outputs
+            if seq.finished:  # failed above
+                continue
+            if self.config.is_reward_model:  # the rows are rewards, not logits
+                seq.reward = logits[row].tolist()
+                seq.output.finish_reason = "length"
+                self.scheduler.finish(seq)
+            elif seq.params.max_tokens == 0:  # the prompt ran only to be scored
+                seq.output.finish_reason = "length"
+                self.scheduler.finish(seq)
+            elif self._guard(seq, self._prepare_row, logits[row], seq):
+                rows.append(row)
+        if rows:
+            sampled = self._sample(logits, [samplers[row] for row in rows], rows)
+            for seq, result in sampled:
+                if self._guard(seq, self._append, seq, *result):
+                    moved[seq.request_id] = self.requests[seq.request_id]
 
-    def _score_prompts(self, step) -> None:
-        """Prompt logprobs: the row at position p scores prompt token p + 1."""
-        row = 0
-        logprobs = step.prompt_logits.log_softmax(-1) if step.prompt_ranges else None
-        for seq, first, count in step.prompt_ranges:
-            if seq.prompt_logprobs is None:
-                seq.prompt_logprobs = [None]
-                seq.prompt_full_logprobs = [] if seq.params.full_logprobs else None
-            for position in range(first, first + count):
-                if len(seq.prompt_logprobs) == position + 1:  # not scored yet (a preempted prompt is recomputed)
-                    token = seq.prompt_token_ids[position + 1]
-                    entry = logprob_entry(logprobs[row], token, seq.params.prompt_logprobs)
-                    for token_id, value in entry.items():
-                        value.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
-                    seq.prompt_logprobs.append(entry)
-                    if seq.prompt_full_logprobs is not None:
-                        seq.prompt_full_logprobs.append(logprobs[row].to("cpu", copy=True))
-                row += 1
+    def _prepare_row(self, row: torch.Tensor, seq: Sequence) -> bool:
+        if needs_processing(seq.params):
+            apply_penalties(row, seq.params, seq.prompt_token_ids, seq.output.token_ids)
+        return True
 
-    def _banned(self, seq: Sequence) -> list[int] | None:
-        if seq.num_output_tokens >= seq.params.min_tokens:
-            return None
-        return self._stop_ids(seq.params)
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[tuple[Sequence, tuple]]:
+        """(sequence, sample result) of every row that sampled; a batch the sampler fails on is sampled
+        again row by row so that only the failing rows' requests fail."""
+        chosen = logits if len(rows) == logits.shape[0] else logits[rows]
+        banned = [self.output_processor.banned(seq) for seq in seqs]
+        try:
+            return list(zip(seqs, sample(chosen, [s.params for s in seqs], [s.generator for s in seqs], banned)))
+        except Exception as error:  # noqa: BLE001
+            if is_engine_fault(error):
+                raise
+        results = []
+        for index, seq in enumerate(seqs):
+            result = self._guard(seq, sample, chosen[index:index + 1], [seq.params], [seq.generator], [banned[index]])
+            if result:
+                results.append((seq, result[0]))
+        return results
 
-    def _stop_ids(self, params: SamplingParams) -> list[int]:
-        eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
-        return list(dict.fromkeys([*params.stop_token_ids, *eos]))
-
-    def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
-        params, output = seq.params, seq.output
-        seq.token_ids.append(token)
-        output.token_ids.append(token)
-        output.cumulative_logprob += logprob
-        self.num_generated_tokens += 1
-        if top is not None:
-            for token_id, entry in top.items():
-                entry.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            output.logprobs.append(top)
-        if token in self._stop_ids(params):
-            output.finish_reason = "stop"
-            output.stop_reason = token if token in params.stop_token_ids else None
-        else:
-            delta = seq.detokenizer.push(token)
-            if delta and params.stop and seq.num_output_tokens >= params.min_tokens:
-                longest = max(len(s) for s in params.stop)
-                searched_from = max(0, len(output.text) - longest + 1)
-                output.text += delta
-                hit = _find_stop(output.text, params.stop, searched_from)
-                if hit is not None:
-                    end = hit[0] + len(hit[1]) if params.include_stop_str_in_output else hit[0]
-                    output.text = output.text[:end]
-                    output.finish_reason, output.stop_reason = "stop", hit[1]
-            else:
-                output.text += delta
-        if output.finish_reason is None and (
-                (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens)
-                or len(seq) >= self.config.max_position_embeddings):
-            output.finish_reason = "length"
-        if output.finish_reason is not None:
+    def _append(self, seq: Sequence, token: int, logprob: float, top, full) -> bool:
+        if self.output_processor.append_token(seq, token, logprob, top, full):
             self.scheduler.finish(seq)
+        return True
+
+    def _score_prompts(self, step: StepLogits) -> None:
+        if not step.prompt_ranges:
+            return
+        logprobs = step.prompt_logits.log_softmax(-1)
+        row = 0
+        for seq, first, count in step.prompt_ranges:
+            if not seq.finished:
+                self._guard(seq, self.output_processor.score_prompt, seq, logprobs[row:row + count], first)
+            row += count
+
+    def _guard(self, seq: Sequence, function, *args):
+        """``function(*args)``, or None with ``seq``'s request failed if it raised (engine faults propagate)."""
+        try:
+            return function(*args)
+        except Exception as error:  # noqa: BLE001
+            if is_engine_fault(error):
+                raise
+            self._fail(seq.request_id, error)
+            return None
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        """End one request with ``error``: its sequences stop, their blocks are freed, its caller is told."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if not isinstance(error, NemoliteError):
+            log.error("request %s failed; the engine goes on without it", request_id,
+                      exc_info=(type(error), error, error.__traceback__))
+        request.error = error
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.output.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        self._failed[request_id] = request
 
     def _pop_finished(self) -> list[Request]:
         done = [request for request in self.requests.values() if request.finished]
@@ -348,36 +330,22 @@ class LLMEngine:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": manager.num_blocks, "kv_blocks_free": manager.num_free_blocks,
                 "prefix_cache_hit_rate": manager.prefix_hit_rate, "num_preemptions": self.scheduler.num_preemptions,
-                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generated_tokens}
+                "prompt_tokens": self.num_prompt_tokens,
+                "generation_tokens": self.output_processor.num_generated_tokens}
 
 
-def _snapshot(seq: Sequence) -> CompletionOutput:
-    """The output so far, without trailing text that could still turn out to start a stop string."""
-    output, text = seq.output, seq.output.text
-    if output.finish_reason is None and seq.params.stop:
-        text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
-    return dataclasses.replace(output, text=text, token_ids=list(output.token_ids),
-                               logprobs=None if output.logprobs is None else list(output.logprobs),
-                               full_logprobs=None if output.full_logprobs is None else list(output.full_logprobs))
 
-
-def _find_stop(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
-    """The earliest stop string in ``text[start:]``: (its position, the string)."""
-    best = None
-    for stop in stops:
-        position = text.find(stop, start)
-        if position >= 0 and (best is None or position < best[0]):
-            best = (position, stop)
-    return best
-
-
-def _free_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free)
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return float(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 4e9
+def is_engine_fault(error: BaseException) -> bool:
+    """Whether ``error`` leaves the engine itself unusable (memory, the device, the collectives), rather
+    than being one request's problem."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    dist_error = getattr(torch.distributed, "DistError", None) if torch.distributed.is_available() else None
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in message for sign in ("CUDA error", "out of memory", "can't allocate memory", "NCCL", "Gloo"))

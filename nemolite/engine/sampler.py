@@ -26,9 +26,15 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def needs_processing(params: SamplingParams) -> bool:
+    """Whether ``apply_penalties`` changes anything for ``params``."""
+    return (params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+            or bool(params.logit_bias) or params.allowed_token_ids is not None)
+
+
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> None:
-    """In place on one row [V]."""
+    """In place on one row [V]: the penalties, then OpenAI's logit_bias, then vLLM's allowed_token_ids."""
     vocab = logits.shape[-1]
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted({t for t in (*prompt_ids, *output_ids) if t < vocab}), dtype=torch.long,
@@ -40,6 +46,15 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=vocab)[:vocab].float()
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+        logits.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype,
+                                               device=logits.device))
+    if params.allowed_token_ids is not None:
+        allowed = torch.tensor(params.allowed_token_ids, dtype=torch.long, device=logits.device)
+        kept = logits[allowed]
+        logits.fill_(float("-inf"))
+        logits[allowed] = kept
 
 
 # Top-p usually stops within the few dozen likeliest tokens: rank those, then more only if needed.

@@ -127,8 +127,11 @@ def test_logprobs_of_sampled_and_top_tokens():
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
                                     dict(max_tokens=-1), dict(min_tokens=5, max_tokens=2), dict(stop=[""]),
-                                    dict(n=0), dict(logprobs=21), dict(temperature=float("nan")),
-                                    dict(repetition_penalty=0), dict(presence_penalty=3)])
+                                    dict(n=0), dict(logprobs=-1), dict(temperature=float("nan")),
+                                    dict(repetition_penalty=0), dict(presence_penalty=3), dict(seed=2**64),
+                                    dict(logit_bias={5: float("inf")}), dict(logit_bias={5: 101}),
+                                    dict(allowed_token_ids=[]), dict(stop_token_ids=[True]), dict(ignore_eos=1),
+                                    dict(stop=5), dict(stop_token_ids=7)])
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(NemoliteError):
         SamplingParams(**kwargs)
