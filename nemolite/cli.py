@@ -56,6 +56,8 @@ def _add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int, t
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nemolite.engine.validation import RequestLimits
+
     parser = argparse.ArgumentParser(prog="nemolite", description="Run NVIDIA Nemotron models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,8 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model's name in every protocol (default: the checkpoint directory's name)")
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every route but health (or set NEMOLITE_API_KEY)")
-    serve.add_argument("--max-queue", type=int, default=None,
-                       help="requests allowed to wait beyond the running batch; more get 503 (default 1024)")
+    limits = serve.add_argument_group("limits (a request beyond one is refused with a 4xx that names the flag)")
+    limits.add_argument("--max-queue", type=int, default=None,
+                        help="sequences (prompts x n) allowed to wait beyond the running batch; more get 503 "
+                             "(default 1024)")
+    limits.add_argument("--max-request-bytes", type=int, default=None,
+                        help="request body size; larger bodies get 413 (default 16 MiB)")
+    defaults = RequestLimits()
+    limits.add_argument("--max-seqs-per-request", type=int, default=defaults.max_seqs_per_request,
+                        help=f"sequences (prompts x n) in one request (default {defaults.max_seqs_per_request})")
+    limits.add_argument("--max-stop-strings", type=int, default=defaults.max_stop_strings,
+                        help=f"stop strings (end_strings) per request (default {defaults.max_stop_strings})")
+    limits.add_argument("--max-stop-length", type=int, default=defaults.max_stop_length,
+                        help=f"characters in one stop string (default {defaults.max_stop_length})")
+    limits.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs,
+                        help=f"logprobs / top_logprobs per position (default {defaults.max_logprobs})")
+    limits.add_argument("--max-full-logprob-values", type=int, default=defaults.max_full_logprob_values,
+                        help="positions x vocabulary of whole-distribution outputs (NeMo all_probs) per request "
+                             f"(default {defaults.max_full_logprob_values})")
     serve.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     serve.add_argument("--reward-weights", default=None, metavar="W,W,...|NAME=W,...",
                        help="a reward model's attribute weights for its scalar score: one number per attribute, or "
@@ -244,7 +262,9 @@ def run_serve(args) -> int:
 
     from nemolite.checkpoint import resolve_model_path
     from nemolite.engine.async_llm import AsyncLLM
-    from nemolite.server.app import DEFAULT_MAX_QUEUE, serve
+    from nemolite.server.app import serve
+    from nemolite.engine.validation import RequestLimits
+    from nemolite.server.state import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES
 
     path = resolve_model_path(args.model)
     name = args.served_model_name or (path.name if args.model is not None else "nemolite-demo")
@@ -254,12 +274,19 @@ def run_serve(args) -> int:
         raise NemoliteError("--max-queue must be >= 0")
     logging.getLogger("nemolite.access").setLevel(logging.INFO)
     log.warning("loading %s", path)
-    engine = AsyncLLM(path, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
+    max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if args.max_request_bytes is None else args.max_request_bytes
+    if max_request_bytes < 1:
+        raise NemoliteError("--max-request-bytes must be >= 1")
+    limits = RequestLimits(args.max_seqs_per_request, args.max_stop_strings, args.max_stop_length, args.max_logprobs,
+                           args.max_full_logprob_values)
+    engine = AsyncLLM(path, dtype=args.dtype, device=args.device, seed=args.seed, limits=limits,
+                      **engine_options(args))
     weights = _reward_weights(args.reward_weights, engine.config.reward_attributes)
     doors = ("reward model: POST /v1/reward, /v1/chat/completions, Triton reward_model"
              if engine.config.is_reward_model else "NeMo PUT /generate, OpenAI /v1, Triton /v2")
     log.warning("serving %r on http://%s:%d (%s)", name, args.host, args.port, doors)
-    serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue, reward_weights=weights)
+    serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue, reward_weights=weights,
+          max_request_bytes=max_request_bytes)
     return 0
 
 

@@ -125,14 +125,26 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise NemoliteError(f"messages[{index}] needs a 'role' of {', '.join(ROLES)}")
         content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if isinstance(content, list):  # OpenAI content parts
+            content = "".join(_text_part(part, f"messages[{index}].content[{number}]")
+                              for number, part in enumerate(content))
         if not isinstance(content, str):
-            raise NemoliteError(f"messages[{index}].content must be a string")
+            raise NemoliteError(f"messages[{index}].content must be a string or a list of text parts")
         if message["role"] == "system" and index != 0:
             raise NemoliteError(f"messages[{index}]: a system message may only come first")
         checked.append({**message, "content": content})
     return checked
+
+
+def _text_part(part: Any, where: str) -> str:
+    """The text of one OpenAI content part; these models read text only, so any other part is refused."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise NemoliteError(f"{where} must be an object with a 'type', e.g. {{\"type\": \"text\", \"text\": \"...\"}}")
+    if part["type"] != "text":
+        raise NemoliteError(f"{where} is of type {part['type'][:40]!r}; this model reads text only (type 'text')")
+    if not isinstance(part.get("text"), str):
+        raise NemoliteError(f"{where}.text must be a string")
+    return part["text"]
 
 
 def _render_jinja(template: str, messages: list[dict], add_generation_prompt: bool, **tokens: str) -> str:

@@ -1,8 +1,8 @@
-"""One FastAPI app over one AsyncLLM; each protocol (nemo, openai, triton) is a router of its own.
+"""One FastAPI app over one AsyncLLM; each protocol (nemo, openai, triton, reward) is a router of its own.
 
-Everything a protocol shares lives here: admission (a bounded queue), metrics, API-key check, the
-access log, error bodies (a 4xx with a message, never a stack trace) and cancellation of requests
-whose client went away.
+The routers share state and admission through ``nemolite.server.state``; this module composes them
+and adds what wraps every route: the API-key check, the request-body limit, the access log, and error
+bodies (a 4xx with a message, never a stack trace).
 """
 
 from __future__ import annotations
@@ -13,133 +13,22 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nemolite.engine.async_llm import AsyncLLM, EngineDeadError
-from nemolite.engine.outputs import RequestOutput
-from nemolite.engine.sampling_params import SamplingParams
+from nemolite.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from nemolite.errors import NemoliteError
-from nemolite.json_body import parse_json_object
 from nemolite.reward import resolve_weights
-from nemolite.server.metrics import Metrics
+from nemolite.server import nemo, openai, reward, triton
+from nemolite.server.state import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, RequestError, ServerState
 
 log = logging.getLogger("nemolite.server")
 access_log = logging.getLogger("nemolite.access")
 
-DEFAULT_MAX_QUEUE = 1024
 UNAUTHENTICATED = ("/health", "/v2/health/live", "/v2/health/ready")
-
-
-class RequestError(Exception):
-    """A request the server will not run; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.message, self.status = message, status
-
-
-class ServerState:
-    """What every protocol module needs: the engine, its tokenizer, the served name, admission, metrics."""
-
-    def __init__(self, engine: AsyncLLM, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
-                 reward_weights: list[float] | None = None):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.config = engine.config
-        self.model_name = model_name
-        self.max_model_len = engine.config.max_position_embeddings
-        self.capacity = engine.engine.args.max_num_seqs + max_queue
-        self.metrics = Metrics(engine.stats, model_name)
-        self.created = int(time.time())
-        # A reward model's default attribute weights (None: HelpSteer2's for nine attributes, else uniform).
-        self.reward_weights = reward_weights
-
-    def admit(self, count: int = 1) -> None:
-        """Refuse work beyond the running batch plus the bounded queue (503: retry later)."""
-        if self.engine.dead is not None:
-            raise RequestError(f"the engine stopped ({self.engine.dead}); restart the server", 503)
-        if self.engine.num_requests + count > self.capacity:
-            raise RequestError(f"the server is busy: {self.engine.num_requests} requests in flight, at most "
-                               f"{self.capacity}; retry later", 503)
-
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
-        """The engine's cumulative outputs for one request (``stream=False``: the first and the last),
-        with latency and token metrics recorded."""
-        metrics, arrival = self.metrics, time.monotonic()
-        first_token = None
-        last: RequestOutput | None = None
-        try:
-            async for output in self.engine.generate(prompt_token_ids, params, prompt, stream=stream):
-                if first_token is None and any(o.token_ids for o in output.outputs):
-                    first_token = time.monotonic()
-                    metrics.time_to_first_token.observe(first_token - arrival)
-                last = output
-                yield output
-        finally:
-            now = time.monotonic()
-            metrics.prompt_tokens.inc(len(prompt_token_ids))
-            generated = sum(len(o.token_ids) for o in last.outputs) if last is not None else 0
-            metrics.generation_tokens.inc(generated)
-            if last is not None and last.finished:
-                metrics.e2e_latency.observe(now - arrival)
-                longest = max(len(o.token_ids) for o in last.outputs)
-                if first_token is not None and longest > 1:
-                    metrics.time_per_output_token.observe((now - first_token) / (longest - 1))
-
-    async def generate_final(self, prompt_token_ids: list[int], params: SamplingParams,
-                             prompt: str | None = None) -> RequestOutput:
-        """Run one request to the end."""
-        final = None
-        async for final in self.generate(prompt_token_ids, params, prompt, stream=False):
-            pass
-        assert final is not None and final.finished
-        return final
-
-
-def engine_call(function: Callable[..., Any], *args, **kwargs) -> Any:
-    """Call into the engine or tokenizer, turning NemoliteError (bad input) into a 400."""
-    try:
-        return function(*args, **kwargs)
-    except NemoliteError as error:
-        raise RequestError(str(error)) from error
-
-
-async def read_json_object(request: Request) -> dict:
-    """The body as a JSON object, or a 400 that says what is wrong with it."""
-    try:
-        return parse_json_object(await request.body(), "the request body")
-    except ValueError as error:
-        raise RequestError(str(error)) from None
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work`` unless the client goes away first; then cancel it (which aborts its engine requests)."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-    return task.result()
 
 
 def protocol_of(path: str) -> str:
@@ -175,19 +64,58 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than this server's {limit} bytes (--max-request-bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: a body larger than ``limit`` bytes is refused with 413, by its Content-Length
+    before anything is read, or as soon as a chunked body passes the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            error = BodyTooLarge(self.limit) if declared.isdigit() else \
+                StarletteHTTPException(400, "the Content-Length header is not a number")
+            response = error_response(scope.get("path", ""), error.status_code, error.detail)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
               max_queue: int = DEFAULT_MAX_QUEUE, shutdown_engine: bool = True,
-              reward_weights: list[float] | None = None) -> FastAPI:
-    """The HTTP app over ``engine``; ``shutdown_engine`` stops the engine thread when the app stops."""
-    from nemolite.server import nemo, openai, reward, triton
-
+              reward_weights: list[float] | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The HTTP app over ``engine``; ``shutdown_engine`` stops the engine thread when the app stops.
+    Per-request limits (stop strings, logprobs, sequences per request ...) are the engine's
+    ``EngineArgs.limits``; ``max_queue`` counts sequences waiting beyond the running batch."""
     if reward_weights is not None:
         resolve_weights(reward_weights, engine.config.reward_attributes)  # a bad --reward-weights fails at start
-    state = ServerState(engine, model_name, max_queue, reward_weights)
+    if max_request_bytes < 1:
+        raise NemoliteError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
+    state = ServerState(engine, model_name, max_queue, reward_weights, max_request_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        state.close()
         if shutdown_engine:
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
@@ -221,6 +149,11 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
     @app.exception_handler(EngineDeadError)
     async def engine_dead(request: Request, error: EngineDeadError):
         return error_response(request.url.path, 503, f"{error}; restart the server")
+
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(request: Request, error: RequestFailedError):
+        log.error("request failed in the engine: %s", error)
+        return error_response(request.url.path, 500, str(error))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
@@ -257,6 +190,7 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
     app.include_router(openai.router)
     app.include_router(reward.router)
     app.include_router(triton.router)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
     return app
 
 
@@ -272,18 +206,15 @@ def _finish(request: Request, response: Response, started: float, state: ServerS
     return response
 
 
-def state_of(request: Request) -> ServerState:
-    return request.app.state.nemolite
-
-
 def serve(engine: AsyncLLM, model_name: str, host: str, port: int, *, api_key: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, graceful_timeout: float = 30.0,
-          reward_weights: list[float] | None = None) -> None:
+          reward_weights: list[float] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Run the server until SIGINT/SIGTERM: new connections stop, in-flight requests get
     ``graceful_timeout`` seconds to finish and are then aborted, and the engine stops."""
     import uvicorn
 
-    app = build_app(engine, model_name, api_key=api_key, max_queue=max_queue, reward_weights=reward_weights)
+    app = build_app(engine, model_name, api_key=api_key, max_queue=max_queue, reward_weights=reward_weights,
+                    max_request_bytes=max_request_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=graceful_timeout)
     uvicorn.Server(config).run()

@@ -1,13 +1,14 @@
 """NeMo's text-generation protocol: ``PUT /generate`` as ``megatron_gpt_eval.py server=True`` serves it.
 
-Fields, defaults and validation messages are NeMo's (REFERENCE.md §4.1); unlike NeMo a failed
-check answers 400 ``{"error": ...}``. Each sentence is its own engine request, so a batch of
-sentences joins the running batch like any other traffic.
+Fields, defaults and validation messages are NeMo's (NVIDIA/NeMo
+``nemo/collections/nlp/modules/common/text_generation_server.py``, ``MegatronGenerate.put``); unlike
+NeMo a failed check answers 400 ``{"error": ...}``. Each sentence is its own engine request, so a
+batch of sentences joins the running batch like any other traffic; the batch is validated whole
+before any sentence runs, and a failure ends all of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 
@@ -15,8 +16,7 @@ from fastapi import APIRouter, Request
 
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
-from nemolite.server.app import (RequestError, ServerState, cancel_on_disconnect, engine_call, read_json_object,
-                                 state_of)
+from nemolite.server.state import Job, RequestError, ServerState, engine_call, read_json_object, state_of
 from nemolite.tokenizer import IncrementalDetokenizer
 
 router = APIRouter()
@@ -135,10 +135,10 @@ def sampling_params(request: GenerateRequest, state: ServerState, prompt_length:
         logprobs=0 if scored else None, prompt_logprobs=0 if scored else None, full_logprobs=request.all_probs)
 
 
-def _prompt_text(sentence, state: ServerState) -> str:
+async def _prompt_text(sentence, state: ServerState) -> str:
     if isinstance(sentence, str):
         return sentence
-    return engine_call(state.tokenizer.apply_chat_template, sentence)
+    return await state.chat_prompt(sentence)
 
 
 def _row(prompt: str, output: RequestOutput, request: GenerateRequest, state: ServerState) -> dict:
@@ -165,14 +165,11 @@ def _row(prompt: str, output: RequestOutput, request: GenerateRequest, state: Se
 @router.put("/generate")
 async def generate(request: Request):
     state = state_of(request)
-    data = await read_json_object(request)
-    parsed = parse_request(data)
-    prompts = [_prompt_text(sentence, state) for sentence in parsed.sentences]
-    token_ids = [engine_call(state.tokenizer.encode, prompt, add_bos=parsed.add_BOS) for prompt in prompts]
-    params = [sampling_params(parsed, state, len(ids)) for ids in token_ids]
-    state.admit(len(prompts))
-    outputs = await cancel_on_disconnect(request, asyncio.gather(
-        *(state.generate_final(ids, p, prompt) for prompt, ids, p in zip(prompts, token_ids, params))))
+    parsed = parse_request(await read_json_object(request))
+    prompts = [await _prompt_text(sentence, state) for sentence in parsed.sentences]
+    token_ids = [await state.encode(prompt, add_bos=parsed.add_BOS) for prompt in prompts]
+    jobs = [Job(ids, sampling_params(parsed, state, len(ids)), prompt) for prompt, ids in zip(prompts, token_ids)]
+    outputs = await state.collect(request, jobs)
     if not isinstance(outputs, list):
         return outputs  # the client went away
     rows = [_row(prompt, output, parsed, state) for prompt, output in zip(prompts, outputs)]

@@ -8,30 +8,24 @@ silently when it would change the answer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from nemolite.engine.llm import with_chat_stops
 from nemolite.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
-from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
+from nemolite.server import reward
+from nemolite.server.schemas import Body, ChatMessage
+from nemolite.server.state import Job, RequestError, ServerState, engine_call, state_of
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
 
 router = APIRouter()
-
-MAX_N = 128
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 class StreamOptions(Body):
@@ -40,7 +34,7 @@ class StreamOptions(Body):
 
 class _SamplingFields(Body):
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
@@ -55,21 +49,17 @@ class _SamplingFields(Body):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # vLLM's extension
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0)
     best_of: int | None = None
     suffix: str | None = None
-
-
-class ChatMessage(Body):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -77,7 +67,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
 
 
@@ -94,21 +84,27 @@ class DetokenizeRequest(Body):
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model not in (state.model_name, ""):
-        raise RequestError(f"the model {model!r} does not exist; this server serves '{state.model_name}'", 404)
+def _logit_bias(body: _SamplingFields) -> dict[int, float] | None:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    if not body.logit_bias:
+        return None
+    bias = {}
+    for key, value in body.logit_bias.items():
+        if len(key) > 20 or not key.strip().lstrip("-").isdigit():
+            raise RequestError(f"logit_bias keys must be token ids, got {key[:40]!r}")
+        bias[int(key)] = value
+    return bias
 
 
 def _sampling_params(body: _SamplingFields, max_tokens: int | None, **extra) -> SamplingParams:
-    if body.logit_bias:
-        raise RequestError("logit_bias is not supported")
     return engine_call(
         SamplingParams, n=body.n, max_tokens=max_tokens, min_tokens=min(body.min_tokens, max_tokens or body.min_tokens),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, stop=body.stop, stop_token_ids=body.stop_token_ids,
-        seed=body.seed, ignore_eos=body.ignore_eos, **extra)
+        seed=body.seed, ignore_eos=body.ignore_eos, logit_bias=_logit_bias(body),
+        allowed_token_ids=body.allowed_token_ids, **extra)
 
 
 def _max_tokens(state: ServerState, prompt_ids: list[int], requested: int | None) -> int:
@@ -195,37 +191,6 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _merged(state: ServerState, jobs: list[tuple[list[int], SamplingParams, str | None]]
-                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with the request's index; leaving early aborts all."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(index: int, ids: list[int], params: SamplingParams, prompt: str | None) -> None:
-        try:
-            async for output in state.generate(ids, params, prompt):
-                queue.put_nowait((index, output))
-        except Exception as error:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((index, error))
-        finally:
-            queue.put_nowait((index, done))
-
-    tasks = [asyncio.ensure_future(pump(i, *job)) for i, job in enumerate(jobs)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -255,12 +220,12 @@ async def list_models(request: Request):
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    check_model(state, model_id)
+    state.check_model(model_id)
     return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nemolite",
             "max_model_len": state.max_model_len}
 
 
-def _completion_prompts(state: ServerState, prompt) -> list[tuple[str | None, list[int]]]:
+async def _completion_prompts(state: ServerState, prompt, n: int) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) per prompt: a string, a list of strings, token ids, or lists of token ids."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -268,45 +233,43 @@ def _completion_prompts(state: ServerState, prompt) -> list[tuple[str | None, li
         raise RequestError("prompt must not be empty")
     if all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
-    vocab = state.config.vocab_size
+    state.check_sequences(len(prompt) * n)
     prompts = []
     for item in prompt:
         if isinstance(item, str):
-            prompts.append((item, engine_call(state.tokenizer.encode, item)))
+            prompts.append((item, await state.encode(item)))
         else:
-            if any(not 0 <= t < vocab for t in item):
-                raise RequestError(f"prompt token ids must be in [0, {vocab})")
-            prompts.append((None, list(item)))
+            prompts.append((None, list(item)))  # ids are checked against the vocabulary at admission
     return prompts
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
-    check_model(state, body.model)
+    state.check_model(body.model)
     if body.suffix:
         raise RequestError("suffix is not supported")
     if body.best_of is not None and body.best_of != body.n:
         raise RequestError("best_of must equal n (or be left out)")
     if body.stream and body.echo and body.logprobs is not None:
         raise RequestError("echo with logprobs is only supported without stream")
-    prompts = _completion_prompts(state, body.prompt)
+    prompts = await _completion_prompts(state, body.prompt, body.n)
     jobs = []
-    for text, ids in prompts:
-        max_tokens = _max_tokens(state, ids, body.max_tokens)
+    for index, (text, ids) in enumerate(prompts):
+        try:
+            max_tokens = _max_tokens(state, ids, body.max_tokens)
+        except RequestError as error:
+            raise RequestError(f"prompt {index}: {error.message}" if len(prompts) > 1 else error.message) from None
         params = _sampling_params(body, max_tokens, logprobs=body.logprobs,
                                   prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
-        jobs.append((ids, params, text))
-    state.admit(len(jobs))
+        jobs.append(Job(ids, params, text))
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = state.model_name
     if body.stream:
-        return _stream_response(_stream_errors(_stream_completions(state, body, prompts, jobs, request_id, created)))
-
-    async def run() -> list[RequestOutput]:
-        return await asyncio.gather(*(state.generate_final(*job) for job in jobs))
-
-    outputs = await cancel_on_disconnect(request, run())
+        streams = state.submit(jobs, stream=True)
+        return _stream_response(_stream_errors(_stream_completions(state, body, prompts, jobs, streams, request_id,
+                                                                   created)))
+    outputs = await state.collect(request, jobs)
     if not isinstance(outputs, list):
         return outputs
     choices, completion_tokens = [], 0
@@ -325,7 +288,7 @@ async def completions(body: CompletionRequest, request: Request):
             "usage": _usage(sum(len(ids) for _, ids in prompts), completion_tokens)}
 
 
-async def _stream_completions(state: ServerState, body: CompletionRequest, prompts, jobs, request_id: str,
+async def _stream_completions(state: ServerState, body: CompletionRequest, prompts, jobs, streams, request_id: str,
                               created: int) -> AsyncIterator[str]:
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
@@ -343,7 +306,7 @@ async def _stream_completions(state: ServerState, body: CompletionRequest, promp
             prompt_text = text if text is not None else state.tokenizer.decode(ids)
             for j in range(body.n):
                 yield chunk(prompt_index * body.n + j, prompt_text, None, None)
-    async for prompt_index, output in _merged(state, jobs):
+    async for prompt_index, output in state.merged(jobs, streams):
         for completion in output.outputs:
             index = prompt_index * body.n + completion.index
             if index in closed:
@@ -387,26 +350,27 @@ def _chat_logprobs(state: ServerState, prompt_ids: list[int], completion: Comple
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
-    check_model(state, body.model)
+    state.check_model(body.model)
     if state.config.is_reward_model:
-        from nemolite.server import reward  # imports this module
-
         return await reward.chat_completion(state, body, request)
+    state.check_sequences(body.n)
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
-    prompt = engine_call(state.tokenizer.apply_chat_template, messages, body.add_generation_prompt)
-    ids = engine_call(state.tokenizer.encode, prompt, add_bos=False)
+    prompt = await state.chat_prompt(messages, body.add_generation_prompt)
+    ids = await state.encode(prompt, add_bos=False)
     max_tokens = _max_tokens(state, ids, body.max_completion_tokens or body.max_tokens)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs: true")
     params = with_chat_stops(state.tokenizer, _sampling_params(body, max_tokens, logprobs=top_logprobs))
-    state.admit()
+    job = Job(ids, params, prompt)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return _stream_response(_stream_errors(_stream_chat(state, body, ids, params, prompt, request_id, created)))
-    output = await cancel_on_disconnect(request, state.generate_final(ids, params, prompt))
-    if not isinstance(output, RequestOutput):
-        return output
+        streams = state.submit([job], stream=True)
+        return _stream_response(_stream_errors(_stream_chat(state, body, job, streams, request_id, created)))
+    outputs = await state.collect(request, [job])
+    if not isinstance(outputs, list):
+        return outputs
+    output = outputs[0]
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _chat_logprobs(state, ids, c, body.top_logprobs or 0) if body.logprobs else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
@@ -414,8 +378,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "choices": choices, "usage": _usage(len(ids), sum(len(c.token_ids) for c in output.outputs))}
 
 
-async def _stream_chat(state: ServerState, body: ChatCompletionRequest, ids: list[int], params: SamplingParams,
-                       prompt: str, request_id: str, created: int) -> AsyncIterator[str]:
+async def _stream_chat(state: ServerState, body: ChatCompletionRequest, job: Job, streams, request_id: str,
+                       created: int) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
         return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
                      "model": state.model_name, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
@@ -427,7 +391,8 @@ async def _stream_chat(state: ServerState, body: ChatCompletionRequest, ids: lis
     sent_tokens = [0] * body.n
     closed = [False] * body.n
     completion_tokens = 0
-    async for output in state.generate(ids, params, prompt):
+    ids = job.prompt_token_ids
+    async for _, output in state.merged([job], streams):
         for completion in output.outputs:
             index = completion.index
             if closed[index]:
@@ -455,11 +420,11 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if (body.prompt is None) == (body.messages is None):
         raise RequestError("give either prompt or messages")
     if body.messages is not None:
-        text = engine_call(state.tokenizer.apply_chat_template,
-                           [m.model_dump(exclude_none=True) for m in body.messages], body.add_generation_prompt)
-        tokens = engine_call(state.tokenizer.encode, text, add_bos=False)
+        text = await state.chat_prompt([m.model_dump(exclude_none=True) for m in body.messages],
+                                       body.add_generation_prompt)
+        tokens = await state.encode(text, add_bos=False)
     else:
-        tokens = engine_call(state.tokenizer.encode, body.prompt, add_bos=None if body.add_special_tokens else False)
+        tokens = await state.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
 

@@ -1,5 +1,7 @@
 """Reward models over HTTP: nemolite's ``POST /v1/reward`` and the chat-completions answer of NVIDIA's
-hosted Nemotron-4-340B-Reward API (REFERENCE §7.2), which NeMo-Curator's ``query_reward_model`` reads.
+hosted Nemotron-4-340B-Reward API (the ``nvidia/nemotron-4-340b-reward`` model card on build.nvidia.com),
+which NeMo-Curator's ``query_reward_model`` reads (NVIDIA/NeMo-Curator
+``nemo_curator/services/openai_client.py``).
 
 Each conversation is one engine request (``SamplingParams(reward=True)``), so reward requests are
 batched continuously with each other like generation requests are. The scalar score weighs the
@@ -8,7 +10,6 @@ attributes with the server's ``--reward-weights`` unless a request brings its ow
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -19,8 +20,8 @@ from pydantic import Field
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.reward import HELPSTEER2_ATTRIBUTES, resolve_weights, reward_result, reward_token_ids
-from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
-from nemolite.server.openai import ChatCompletionRequest, ChatMessage, Body, check_model
+from nemolite.server.schemas import Body, ChatMessage
+from nemolite.server.state import Job, RequestError, ServerState, engine_call, state_of
 
 router = APIRouter()
 
@@ -43,15 +44,13 @@ def _require_reward_model(state: ServerState) -> None:
 async def score(state: ServerState, request: Request, token_ids: list[list[int]]) -> list[RequestOutput] | Response:
     """Each prompt's engine output with its reward (or the response for a client that went away); every
     prompt is checked before any runs, so a bad one fails the request whole."""
+    state.check_sequences(len(token_ids))
     params = SamplingParams(reward=True)
-    for ids in token_ids:
-        engine_call(state.engine.engine.validate_request, ids, params)
-    state.admit(len(token_ids))
-    return await cancel_on_disconnect(request, asyncio.gather(
-        *(state.generate_final(ids, params) for ids in token_ids)))
+    return await state.collect(request, [Job(ids, params) for ids in token_ids])
 
 
 async def _score_conversations(state: ServerState, request: Request, conversations: list[list[ChatMessage]]):
+    state.check_sequences(len(conversations))
     token_ids = [engine_call(reward_token_ids, state.tokenizer, [m.model_dump(exclude_none=True) for m in messages])
                  for messages in conversations]
     return await score(state, request, token_ids)
@@ -60,7 +59,7 @@ async def _score_conversations(state: ServerState, request: Request, conversatio
 @router.post("/v1/reward")
 async def reward(body: RewardRequest, request: Request):
     state = state_of(request)
-    check_model(state, body.model)
+    state.check_model(body.model)
     _require_reward_model(state)
     if (body.messages is None) == (body.conversations is None):
         raise RequestError("give 'messages' (one conversation ending with the assistant response to score) or "
@@ -77,7 +76,7 @@ async def reward(body: RewardRequest, request: Request):
             "usage": {"prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs)}}
 
 
-async def chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request):
+async def chat_completion(state: ServerState, body, request: Request):
     """A chat completion on a reward model scores the conversation's last assistant message: the attributes
     come back as ``choices[0].logprobs.content[i].token`` / ``.logprob`` and as ``"name:value,..."`` text."""
     if body.stream:

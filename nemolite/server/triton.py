@@ -1,5 +1,8 @@
-"""Triton's KServe v2 HTTP protocol: the subset NemoQuery/NemoQueryLLM, pytriton's ``ModelClient``
-and ``tritonclient.http`` use (REFERENCE.md §5), serving one model shaped like NeMo's TensorRT-LLM
+"""Triton's KServe v2 HTTP protocol: the subset NemoQuery/NemoQueryLLM (NVIDIA/NeMo
+``nemo/deploy/nlp/query_llm.py``), pytriton's ``ModelClient`` and ``tritonclient.http`` use (the KServe
+v2 inference protocol, kserve/kserve ``docs/predict-api/v2/required_api.md``; Triton's binary tensor
+extension, triton-inference-server/server ``docs/protocol/extension_binary_data.md``), serving one
+model shaped like NeMo's TensorRT-LLM
 deployable: input ``prompts`` plus optional knobs, output ``outputs`` (the completion only).
 
 Requests may carry tensors as JSON ``data`` or in the binary tensor extension (nemolite.kserve);
@@ -14,7 +17,6 @@ A reward model is served instead as NeMo-Aligner's reward server serves it: mode
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 
@@ -25,9 +27,9 @@ from fastapi.responses import JSONResponse, Response
 import nemolite
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.kserve import HEADER_LENGTH, TensorError, pack, read_tensors, split_body, tensor_to_bytes
-from nemolite.server.app import RequestError, ServerState, cancel_on_disconnect, engine_call, state_of
 from nemolite.server.nemo import nemo_sampling_params
 from nemolite.server.reward import score
+from nemolite.server.state import Job, RequestError, ServerState, state_of
 
 router = APIRouter()
 
@@ -44,7 +46,8 @@ INPUTS = [("prompts", "TYPE_STRING", "BYTES"), ("max_output_len", "TYPE_INT64", 
           ("bad_words_list", "TYPE_STRING", "BYTES"), ("end_strings", "TYPE_STRING", "BYTES"),
           ("output_context_logits", "TYPE_BOOL", "BOOL"), ("output_generation_logits", "TYPE_BOOL", "BOOL")]
 OUTPUTS = [("outputs", "TYPE_STRING", "BYTES")]  # the TYPE_STRING output first: NemoQueryLLM reads outputs[0]
-# A reward model is served as NeMo-Aligner's reward server serves it (REFERENCE §7.1): model "reward_model",
+# A reward model is served as NeMo-Aligner's reward server serves it (NVIDIA/NeMo-Aligner
+# nemo_aligner/algorithms/reward_server.py): model "reward_model",
 # formatted ``sentences`` (or ``tokens`` + ``sequence_lengths``) in, one FP32 row of attributes out per input.
 REWARD_MODEL_NAME = "reward_model"
 REWARD_INPUTS = [("sentences", "TYPE_STRING", "BYTES"), ("tokens", "TYPE_INT64", "INT64"),
@@ -264,23 +267,20 @@ async def infer(request: Request, name: str, version: str | None = None):
     if state.config.is_reward_model:
         return await _infer_rewards(request, state, header, tensors)
     parsed = parse_request(tensors)
-    token_ids = [engine_call(state.tokenizer.encode, prompt, add_bos=parsed.add_BOS) for prompt in parsed.prompts]
-    params = [sampling_params(parsed, state, len(ids)) for ids in token_ids]
-    state.admit(len(token_ids))
-    outputs = await cancel_on_disconnect(request, asyncio.gather(
-        *(state.generate_final(ids, p, prompt) for prompt, ids, p in zip(parsed.prompts, token_ids, params))))
+    token_ids = [await state.encode(prompt, add_bos=parsed.add_BOS) for prompt in parsed.prompts]
+    jobs = [Job(ids, sampling_params(parsed, state, len(ids)), prompt) for prompt, ids in zip(parsed.prompts, token_ids)]
+    outputs = await state.collect(request, jobs)
     if not isinstance(outputs, list):
         return outputs  # the client went away
     texts = [output.outputs[0].text for output in outputs]
     return _response(state, header, "outputs", "BYTES", np.array(texts, dtype=object).reshape(len(texts), 1))
 
 
-def _reward_token_ids(state: ServerState, tensors: dict[str, np.ndarray]) -> list[list[int]]:
+async def _reward_token_ids(state: ServerState, tensors: dict[str, np.ndarray]) -> list[list[int]]:
     """The inputs to score: ``sentences`` already in the reward format (tokenized with no BOS/EOS, as
     NeMo-Aligner does), or ``tokens`` [B, S] cut to ``sequence_lengths`` [B]."""
     if "sentences" in tensors:
-        return [engine_call(state.tokenizer.encode, text, add_bos=False)
-                for text in _strings(tensors["sentences"], "sentences")]
+        return [await state.encode(text, add_bos=False) for text in _strings(tensors["sentences"], "sentences")]
     if "tokens" not in tensors or "sequence_lengths" not in tensors:
         raise RequestError("send input 'sentences' (BYTES, one formatted conversation per row) or 'tokens' "
                            "(INT64 [batch, length]) with 'sequence_lengths' (INT64 [batch])")
@@ -295,7 +295,7 @@ def _reward_token_ids(state: ServerState, tensors: dict[str, np.ndarray]) -> lis
 
 async def _infer_rewards(request: Request, state: ServerState, header: dict,
                          tensors: dict[str, np.ndarray]) -> Response:
-    token_ids = _reward_token_ids(state, tensors)
+    token_ids = await _reward_token_ids(state, tensors)
     if not 1 <= len(token_ids) <= MAX_BATCH_SIZE:
         raise RequestError(f"send 1 to {MAX_BATCH_SIZE} inputs per request, got {len(token_ids)}")
     outputs = await score(state, request, token_ids)
