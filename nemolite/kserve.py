@@ -1,4 +1,6 @@
-"""The KServe v2 tensor wire format with Triton's binary tensor extension (REFERENCE.md §5.4).
+"""The KServe v2 tensor wire format with Triton's binary tensor extension (kserve/kserve
+``docs/predict-api/v2/required_api.md``; triton-inference-server/server
+``docs/protocol/extension_binary_data.md``).
 
 A request or response body is a JSON header, optionally followed by raw tensor buffers; the
 ``Inference-Header-Content-Length`` HTTP header gives the JSON header's length in bytes. A tensor
@@ -109,8 +111,9 @@ def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndar
         raise TensorError(f"the JSON data of {datatype} input '{name}' must be "
                           f"{'true/false' if datatype == 'BOOL' else 'numbers'}")
     try:
-        return np.array(flat, dtype=FIXED_WIDTH[datatype]).reshape(shape)
-    except (OverflowError, ValueError) as error:
+        with np.errstate(over="raise", invalid="raise"):  # 1e308 as FP32 is an error, not inf
+            return np.array(flat, dtype=FIXED_WIDTH[datatype]).reshape(shape)
+    except (OverflowError, ValueError, FloatingPointError) as error:
         raise TensorError(f"the JSON data of '{name}' does not fit {datatype}: {error}") from None
 
 

@@ -9,7 +9,7 @@ Triton/NeMo deployment::
     output = nq.query_llm(prompts=["The meaning of life is"], max_output_token=200, top_k=1, top_p=0.0,
                           temperature=0.1)
 
-``query_llm`` returns what ``NemoQueryLLM`` returns (REFERENCE.md §5.1): an ndarray of ``str`` of
+``query_llm`` returns what ``NemoQueryLLM`` returns (NVIDIA/NeMo ``nemo/deploy/nlp/query_llm.py``): an ndarray of ``str`` of
 shape ``(len(prompts), 1)``, completions only (``output[i][0]``); with ``openai_format_response=True``
 a completion-shaped dict. It speaks Triton's HTTP protocol with the binary tensor extension in
 pytriton ``ModelClient``'s order: server live/ready and model ready (polled each second until

@@ -1,7 +1,8 @@
 """Reward models (NeMo-Aligner regression heads, Nemotron-4-340B-Reward): attributes, prompt, weighted score.
 
 A reward model is a base decoder whose final hidden state at the last token goes through a
-linear head to one value per attribute (REFERENCE §1.5, §7). This module holds what every
+linear head to one value per attribute (NVIDIA/NeMo-Aligner
+``nemo_aligner/models/nlp/gpt/megatron_gpt_regression_reward_model.py``; the nvidia/Nemotron-4-340B-Reward card). This module holds what every
 door to it shares: the attribute names, the HelpSteer2 weights, the prompt format and the score.
 """
 
@@ -15,7 +16,7 @@ from nemolite.tokenizer import nemotron_chat_prompt, validate_messages
 # Nemotron-4-340B-Reward's nine outputs, in head order; the first four were never trained.
 ATTRIBUTES = ("quality", "toxicity", "humor", "creativity",
               "helpfulness", "correctness", "coherence", "complexity", "verbosity")
-# The five the hosted API returns (REFERENCE §7.2), in its order.
+# The five the hosted API returns (the build.nvidia.com nvidia/nemotron-4-340b-reward API), in its order.
 HELPSTEER2_ATTRIBUTES = ATTRIBUTES[4:]
 DEFAULT_WEIGHTS = (0.0, 0.0, 0.0, 0.0, 0.3, 0.74, 0.46, 0.47, -0.33)
 REWARD_LABEL_PREFIX = "<extra_id_2>"

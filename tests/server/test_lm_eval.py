@@ -1,4 +1,5 @@
-"""lm-evaluation-harness ``local-completions`` against a live nemolite server (REFERENCE.md §6).
+"""lm-evaluation-harness ``local-completions`` against a live nemolite server (EleutherAI/lm-evaluation-harness
+``lm_eval/models/openai_completions.py``).
 
 A local multiple-choice task (Python standard-library docstrings, the demo model's training
 domain) is written into tmp_path; lm-eval scores it through ``/v1/completions`` with token-id

@@ -1,4 +1,5 @@
-"""A reward model served three ways (REFERENCE §7): nemolite's POST /v1/reward, the hosted
+"""A reward model served three ways (NeMo-Aligner reward_server.py, the hosted
+nemotron-4-340b-reward API): nemolite's POST /v1/reward, the hosted
 Nemotron-4-340B-Reward chat-completions answer (read as NeMo-Curator reads it, with the openai
 client) and NeMo-Aligner's Triton ``reward_model`` (with tritonclient); all equal the offline model."""
 
