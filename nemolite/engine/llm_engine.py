@@ -95,6 +95,7 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile)
         self.output_processor = OutputProcessor(tokenizer, self.config)
+        self._own_stops = frozenset(tokenizer.chat_stop()[0])  # with_chat_stops adds them, not the client
         self.requests: dict[str, Request] = {}
         self._failed: dict[str, Request] = {}  # requests that failed since the last step reported them
         self._seq_ids = itertools.count()
@@ -157,7 +158,7 @@ class LLMEngine:
         """Raise NemoliteError for a request this engine must not run (see nemolite.engine.validation)."""
         validate_request(prompt_token_ids, params, self.config,
                          self.block_manager.num_blocks * self.args.block_size, self.args.limits,
-                         self.tokenizer.eos_token_ids)
+                         self.tokenizer.eos_token_ids, self._own_stops)
 
     def _seed(self, params: SamplingParams, index: int) -> int:
         base = params.seed if params.seed is not None else self.seed * 1_000_003 + next(self._request_counter)

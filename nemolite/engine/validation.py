@@ -36,8 +36,11 @@ class RequestLimits:
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, config: ModelConfig,
-                     kv_capacity_tokens: int, limits: RequestLimits, eos_token_ids: list[int]) -> None:
-    """Raise NemoliteError for a request this engine must not run; reads nothing that steps change."""
+                     kv_capacity_tokens: int, limits: RequestLimits, eos_token_ids: list[int],
+                     own_stops: frozenset[str] = frozenset()) -> None:
+    """Raise NemoliteError for a request this engine must not run; reads nothing that steps change.
+    ``own_stops`` (the chat template's end-of-turn strings, added by the server) do not count against
+    the client's stop-string limits."""
     if not isinstance(params, SamplingParams):
         raise NemoliteError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
     params.validate()  # again: fields may have been set after construction
@@ -64,10 +67,11 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, config
     if params.n > limits.max_seqs_per_request:
         raise NemoliteError(f"n is {params.n}; this server runs at most {limits.max_seqs_per_request} sequences "
                             "per request (--max-seqs-per-request)")
-    if len(params.stop) > limits.max_stop_strings:
-        raise NemoliteError(f"{len(params.stop)} stop strings; at most {limits.max_stop_strings} per request "
+    stops = [stop for stop in params.stop if stop not in own_stops]
+    if len(stops) > limits.max_stop_strings:
+        raise NemoliteError(f"{len(stops)} stop strings; at most {limits.max_stop_strings} per request "
                             "(--max-stop-strings)")
-    if any(len(stop) > limits.max_stop_length for stop in params.stop):
+    if any(len(stop) > limits.max_stop_length for stop in stops):
         raise NemoliteError(f"a stop string is longer than {limits.max_stop_length} characters "
                             "(--max-stop-length)")
     for name in ("logprobs", "prompt_logprobs"):

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nemolite.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from nemolite.errors import NemoliteError
@@ -85,18 +86,31 @@ class BodyLimit:
                 StarletteHTTPException(400, "the Content-Length header is not a number")
             response = error_response(scope.get("path", ""), error.status_code, error.detail)
             return await response(scope, receive, send)
-        received = 0
+        received, refused, started = 0, False, False
 
         async def limited_receive():
-            nonlocal received
+            # Past the limit the client is answered 413 here, and the app reads a disconnect: it stops
+            # reading, and whatever it answers is dropped.
+            nonlocal received, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise BodyTooLarge(self.limit)
+                    refused = True
+                    if not started:
+                        error = BodyTooLarge(self.limit)
+                        await error_response(scope.get("path", ""), 413, error.detail)(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message):
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
@@ -133,6 +147,8 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
                 return _finish(request, response, started, state)
         try:
             response = await call_next(request)
+        except ClientDisconnect:  # gone while its body was read (or refused by BodyLimit): nobody listens
+            response = Response(status_code=499)
         except Exception:  # noqa: BLE001 - a bug must cost one request, never the server
             log.exception("unhandled error in %s %s", request.method, path)
             response = error_response(path, 500, "internal error; the server logged it")

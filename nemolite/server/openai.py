@@ -434,7 +434,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     vocab = state.config.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise RequestError(f"token ids must be in [0, {vocab})")
-    return {"prompt": state.tokenizer.decode(body.tokens)}
+    return {"prompt": await state.decode(body.tokens)}
 
 
 @router.get("/tokenizer_info")

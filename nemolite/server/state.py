@@ -87,6 +87,9 @@ class ServerState:
         size = sum(len(str(message.get("content", ""))) for message in messages if isinstance(message, dict))
         return await self._call(size, self.tokenizer.apply_chat_template, messages, add_generation_prompt)
 
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self._call(len(token_ids), self.tokenizer.decode, token_ids)
+
     async def _call(self, size: int, function: Callable[..., Any], *args) -> Any:
         if size <= OFF_LOOP_CHARACTERS:
             return engine_call(function, *args)
