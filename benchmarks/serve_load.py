@@ -502,12 +502,9 @@ def main() -> int:
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--server-log", default=None, help="file for the server's output (default: a temp file)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of the engine (OMP_NUM_THREADS of the server, torch.set_num_threads in (b)); "
-                             "default: torch's choice, all cores, which the event loop and clients then contend for")
     parser.add_argument("--url", default=None, help="use this running server (served as 'bench') instead of "
                                                     "starting one; (b) then assumes it has the settings given here")
-    _add_model_options(parser)
+    _add_model_options(parser)  # --threads among them: OMP_NUM_THREADS of the server, torch threads in (b)
     args = parser.parse_args()
 
     failures: list[str] = []
