@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from nemolite.sdg.dedup import Deduper, order_key
 from nemolite.sdg.pipelines import PIPELINES
 from nemolite.sdg.report import Summary
 from nemolite.sdg.runner import Run
-from nemolite.sdg.store import JsonlLog, sidecar
+from nemolite.sdg.store import JsonlLog, sidecar, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 async def arun_pipeline(pipeline: str, out: str | Path, *, endpoint: str | None = None, api_key: str | None = None,
@@ -66,15 +69,29 @@ async def arun_pipeline(pipeline: str, out: str | Path, *, endpoint: str | None 
         run = Run(spec, section(merged, pipeline), merged, str(out), llm, reward, job=job, rows=rows, seed=seed,
                   concurrency=concurrency, num_shards=num_shards, shard_id=shard_id, progress=progress)
         try:
-            return await run.run()
-        finally:
-            sidecar(out, "summary.json").write_text(json.dumps(run.summary.as_dict()) + "\n")
+            summary = await run.run()
+        except BaseException:
+            _write_summary(out, run.summary, quiet=True)
+            raise
+        _write_summary(out, summary)
+        return summary
     finally:
         for backend in owned:
             await backend.aclose()
             engine = getattr(backend, "engine", None)
             if engine is not None:
                 engine.shutdown()
+
+
+def _write_summary(out: str | Path, summary: Summary, quiet: bool = False) -> None:
+    """``out``'s ``.summary.json``, replaced whole. ``quiet`` when the run failed already: a second
+    failure (the same full disk, most likely) is logged, so that it does not hide the first."""
+    try:
+        write_atomic(sidecar(out, "summary.json"), json.dumps(summary.as_dict()) + "\n")
+    except NemoliteError as error:
+        if not quiet:
+            raise
+        log.warning("%s", error)
 
 
 def run_pipeline(pipeline: str, out: str | Path, **options) -> Summary:

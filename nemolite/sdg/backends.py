@@ -181,6 +181,12 @@ class HttpReward:
         return f"{self.http.base}/v1/reward" + (f" ({self.model})" if self.model else "")
 
     @property
+    def identity(self) -> dict:
+        """What decides a score, for the reward cache: the server, the model asked for (None: whichever it
+        serves, so a different model behind the same URL goes unnoticed) and the attribute weights."""
+        return {"url": f"{self.http.base}/v1/reward", "model": self.model, "weights": self.weights}
+
+    @property
     def retries(self) -> int:
         return self.http.retries
 
@@ -204,6 +210,12 @@ class InProcessReward:
     def __init__(self, engine, weights: Sequence[float] | Mapping[str, float] | None = None,
                  name: str = "in-process"):
         self.engine, self.weights, self.name = engine, weights, name
+
+    @property
+    def identity(self) -> dict:
+        """What decides a score, for the reward cache: the checkpoint (its name is its path, or the demo
+        model's name) and the attribute weights."""
+        return {"model": self.name, "weights": self.weights}
 
     async def score(self, messages: list[dict]) -> dict:
         from nemolite.reward import score_conversation

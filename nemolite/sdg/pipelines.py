@@ -22,6 +22,18 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 SPEAKER = re.compile(r"^\s*(?:user|assistant)\s*:\s*", re.IGNORECASE)
 
 
+async def _all(*awaitables) -> list:
+    """``asyncio.gather`` that cancels the others when one fails: left running, their requests would
+    outlive the run that stopped on the failure (a full disk, say) and write into its closed files."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _texts(value, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise NemoliteError(f"{where} must be a list of non-empty strings")
@@ -141,9 +153,9 @@ async def _pair(run: Run, node: Node) -> dict | None:
     """k samples (each its own seed), each scored; the pair is decided by ground truth, then reward."""
     messages = [{"role": "user", "content": node.data["prompt"]}]
     k = count(run.settings, "k", 2)
-    texts = await asyncio.gather(*(run.chat(node, f"sample{i}", messages) for i in range(k)))
-    rewards = await asyncio.gather(*(run.score(node, [*messages, {"role": "assistant", "content": t.strip()}])
-                                     for t in texts))
+    texts = await _all(*(run.chat(node, f"sample{i}", messages) for i in range(k)))
+    rewards = await _all(*(run.score(node, [*messages, {"role": "assistant", "content": t.strip()}])
+                           for t in texts))
     answer = node.data.get("answer")
     samples = [{"text": t.strip(), "reward": r} for t, r in zip(texts, rewards, strict=True)]
     if answer is not None:

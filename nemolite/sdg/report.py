@@ -33,6 +33,8 @@ class Summary:
     filtered_by: dict = dataclasses.field(default_factory=dict)
     reward: str = "skipped"
     failure: str | None = None
+    stopped_by: str | None = None  # the error that ended the run early (a failed write, say); None: it finished
+    repairs: list = dataclasses.field(default_factory=list)  # torn last lines cut off the files on resume
     elapsed_s: float = 0.0
     scores: list = dataclasses.field(default_factory=list, repr=False)
 
@@ -62,6 +64,9 @@ class Summary:
             lines.append(f"  preference: {self.no_preference} prompts gave no pair (all samples alike)")
         if self.failure:
             lines.append(f"  first failed request: {self.failure}")
+        lines.extend(f"  resumed: {repair}" for repair in self.repairs)
+        if self.stopped_by:
+            lines.append(f"  stopped by: {self.stopped_by}")
         lines.extend(f"  {line}" for line in record["reward_histogram"])
         return "\n".join(lines)
 

@@ -7,7 +7,9 @@ rerun asks exactly the same questions. Nodes run as soon as their parent is expa
 requests sharing one sliding window; a writer walks the tree depth-first behind them and appends
 each finished row in that order. Hence the output of a run is always a prefix of the same sequence:
 a killed run, rerun, replays its finished requests from the cache, skips the rows already written
-and goes on, giving byte for byte the file an uninterrupted run gives.
+and goes on, giving byte for byte the file an uninterrupted run gives. A failed write (a full disk)
+stops the run at once, every task and request in flight cancelled, with whole rows on disk (see
+``store``); the same command then resumes it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ class Run:
         self.summary = Summary(pipeline.name, str(out))
         self.window, self.reward_window = Window(concurrency), Window(concurrency)
         self.cache = RequestCache(sidecar(out, "cache.jsonl"), job)
-        self.out = JsonlLog(out)
+        try:
+            self.out = JsonlLog(out)
+        except BaseException:
+            self.cache.close()
+            raise
+        self.summary.repairs = [log.repair for log in (self.out, self.cache.log) if log.repair]
+        self.reward_identity = model_identity(reward) if reward is not None else None
         self.existing = list(self.out.records)
         self.existing_by_id = {row["id"]: row for row in self.existing}
         self.progress = Progress([s.name for s in pipeline.stages] + ["responses"], rows, progress)
@@ -75,24 +83,35 @@ class Run:
         if answer is None:
             async with self.window.slot((len(node.path) if self.depth_first else 0, node.path)):
                 answer = await self.llm.chat(messages, sampling, seed)
-            self.cache.put(key, answer)
+            self._store(key, answer)
             self.summary.llm_calls += 1
             self.summary.prompt_tokens += answer["prompt_tokens"]
             self.summary.completion_tokens += answer["completion_tokens"]
         return answer["text"]
 
     async def score(self, node: Node, messages: list[dict]) -> dict | None:
-        """{attributes, score} of the conversation's last (assistant) message; None without a reward model."""
+        """{attributes, score} of the conversation's last (assistant) message; None without a reward model.
+        The cached score is keyed by the reward model's identity (see ``model_identity``) as well as the
+        conversation, so a resume with another reward model, server or attribute weights scores afresh."""
         if self.reward is None:
             return None
-        key = RequestCache.key("reward", messages)
+        key = RequestCache.key("reward", self.reward_identity, messages)
         result = self.cache.get(key)
         if result is None:
             async with self.reward_window.slot(node.path):
                 result = await self.reward.score(messages)
-            self.cache.put(key, result)
+            self._store(key, result)
             self.summary.reward_calls += 1
         return result
+
+    def _store(self, key: str, value: Any) -> None:
+        try:
+            self.cache.put(key, value)
+        except NemoliteError as error:
+            # Stop the run now: the task carrying the error up may be one a parallel list awaits only
+            # after an earlier attempt whose request is still in flight.
+            self._fail(error)
+            raise
 
     async def ask_list(self, node: Node, stage: str, template: str, size_key: str, **fields: Any) -> list[str]:
         """Up to ``settings[size_key]`` items from the model for ``template`` (see lists.ask_for_list).
@@ -118,14 +137,19 @@ class Run:
         try:
             await self.finished.wait()
         finally:
+            # Every node's task, and with it its requests in flight, ends before the files close.
             for task in self.tasks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
             self.progress.close()
-            self.cache.close()
-            self.out.close()
+            for log in (self.cache, self.out):  # both, whatever the first does: each holds whole lines to keep
+                try:
+                    log.close()
+                except NemoliteError as error:
+                    self._fail(error)
             self._fill_summary(time.monotonic() - started)
         if self.error is not None:
+            self.summary.stopped_by = str(self.error)
             raise self.error
         return self.summary
 
@@ -164,7 +188,7 @@ class Run:
                 self._spawn(child)
         try:
             self._advance()
-        except NemoliteError as error:
+        except Exception as error:  # noqa: BLE001 - a failed write above all: unreported, the run would wait for ever
             self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
@@ -285,3 +309,10 @@ class Run:
         summary.dedup_exact, summary.dedup_normalised = self.deduper.exact, self.deduper.normalised
         summary.retries = sum(getattr(backend, "retries", 0) for backend in (self.llm, self.reward))
         summary.reward = "skipped (no reward model)" if self.reward is None else f"scored by {self.reward.name}"
+
+
+def model_identity(backend) -> Any:
+    """What decides a backend's answers, for cache keys: its ``identity`` (model, URL, weights) when it
+    gives one, else its name."""
+    identity = getattr(backend, "identity", None)
+    return identity if identity is not None else backend.name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -79,3 +80,32 @@ def read_rows(path) -> list[dict]:
 @pytest.fixture
 def scripted():
     return ScriptedChat()
+
+
+class FailingWrites:
+    """A stand-in for ``os.write``: from the ``nth`` write to ``path`` on, writes fail with ``errno``, the
+    first failing one after writing half its bytes when ``torn`` (a disk that fills up mid-line). Writes
+    to other files go through."""
+
+    def __init__(self, path, nth: int, errno: int, torn: bool = True, when=None):
+        self.path, self.nth, self.errno, self.torn = str(path), nth, errno, torn
+        self.when = when or (lambda: True)  # the failures start only once this holds too
+        self.real = os.write
+        self.writes = self.failures = 0
+
+    def _targets(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except OSError:
+            return False
+
+    def __call__(self, fd: int, data) -> int:
+        if not self._targets(fd):
+            return self.real(fd, data)
+        self.writes += 1
+        if self.failures or (self.writes >= self.nth and self.when()):
+            self.failures += 1
+            if self.failures == 1 and self.torn and len(data) > 1:
+                return self.real(fd, bytes(data[:len(data) // 2]))  # a short write; the rest fails next call
+            raise OSError(self.errno, os.strerror(self.errno))
+        return self.real(fd, data)
