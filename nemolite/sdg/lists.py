@@ -1,7 +1,8 @@
 """Reading a list out of a model's answer: directly when it is one, by asking the model otherwise.
 
 NeMo-Curator always spends a second call asking the model to rewrite its answer as YAML, and fails
-the whole pipeline when the rewrite does not parse (REFERENCE §8.2-8.3). Here the answer is read
+the whole pipeline when the rewrite does not parse (NVIDIA/NeMo-Curator
+``nemo_curator/synthetic/nemotron.py``, ``convert_response_to_yaml_list``). Here the answer is read
 directly first (a JSON list, a YAML list, numbered or bulleted lines, or one item per line); only an
 answer that is none of these is sent back for reformatting, and every item, however it was read,
 must occur in the original answer, so a reformat cannot invent items. Short lists are topped up by

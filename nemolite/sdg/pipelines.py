@@ -1,4 +1,4 @@
-"""The eight pipelines of the Nemotron-4 340B alignment data (REFERENCE §8.1), as stages and a leaf.
+"""The eight pipelines of the Nemotron-4 340B alignment data (arXiv 2406.11704 §3), as stages and a leaf.
 
 Ids name each level by a letter: macro topic ``m``, subtopic ``s``, question ``q``, revision ``r``,
 writing topic x material ``w``, task ``t``, document ``d``, problem or prompt ``p``, conversation

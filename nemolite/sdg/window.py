@@ -1,8 +1,9 @@
 """The sliding window of requests in flight.
 
 A slot freed by a finished request goes at once to the next waiting one (no batch-and-wait, the
-NeMo-Curator pitfall of REFERENCE §8.3), and the window counts requests, not datapoints, so a wide
-pipeline cannot flood a server. Among waiting requests the one with the lowest priority goes first
+batch-and-wait of NeMo-Curator's ``nemo_curator/synthetic/async_nemotron.py``, which NeMo-Skills
+PR #344 also left behind), and the window counts requests, not datapoints, so a wide pipeline cannot
+flood a server (NeMo-Skills PR #899: a fan-out of >5000 requests froze a server for 1.5 hours). Among waiting requests the one with the lowest priority goes first
 (the runner: shallowest node, then pipeline order; with one slot pipeline order alone).
 """
 
