@@ -4,8 +4,10 @@ The pickle is unpickled with a whitelist (like ``torch.load(weights_only=True)``
 tensor comes back as a ``LazyTensor`` that remembers where its bytes lie; ``read()`` copies
 them straight from the file. Storages are stored uncompressed, so this works on a file inside
 an uncompressed tar as well (a ``FileWindow``), and loading needs no more than one tensor of
-extra memory. Files in the pre-1.6 format fall back to ``torch.load(weights_only=True)``,
-which holds the whole state dict in memory.
+extra memory. A storage's element count must match the bytes of its record, and each view must
+lie inside its storage, before anything is allocated. Files in the pre-1.6 format fall back to
+``torch.load(weights_only=True)`` (safe from torch 2.10, the floor), which holds the whole state
+dict in memory.
 """
 
 from __future__ import annotations
@@ -128,31 +130,56 @@ class _LazyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only tensors are read)")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:200]}")
         _, dtype, key, _location, numel = pid
-        return _Storage(str(key), dtype, int(numel))
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"invalid storage record {str(pid)[:200]}")
+        return _Storage(str(key), dtype, numel)
 
 
 def read_torch_checkpoint(window: FileWindow) -> dict[str, object]:
     """The state dict of a ``torch.save`` file: tensors as LazyTensor, other leaves as loaded."""
+    state, resolve = _open_zip(window)
+    if state is None:
+        return _read_legacy_format(window)
+    if not isinstance(state, dict):
+        raise NemoliteError(f"{window.path} holds a {type(state).__name__}, not a state dict")
+    return {key: resolve(str(key), value) for key, value in state.items()}
+
+
+def read_torch_tensor(window: FileWindow, name: str) -> LazyTensor:
+    """The one tensor of a ``torch.save(tensor)`` file (a DCP shard)."""
+    state, resolve = _open_zip(window)
+    tensor = resolve(name, state) if state is not None else None
+    if not isinstance(tensor, LazyTensor):
+        raise NemoliteError(f"{window.path}: the bytes of {name} are not a torch.save'd tensor")
+    return tensor
+
+
+def _open_zip(window: FileWindow):
+    """(unpickled object, resolve(name, value)), or (None, None) when the file is not a zip."""
     try:
         archive = zipfile.ZipFile(window)
     except zipfile.BadZipFile:
-        return _read_legacy_format(window)
+        return None, None
+    except (OSError, ValueError, EOFError, struct.error) as error:
+        raise NemoliteError(f"{window.path} is not a readable torch checkpoint ({error}); it may be truncated "
+                            "or corrupt, copy or download it again") from None
     try:
         names = archive.namelist()
         pickle_name = next((name for name in names if name.endswith("/data.pkl") or name == "data.pkl"), None)
         if pickle_name is None:
             raise NemoliteError(f"{window.path} is a zip file but not a torch checkpoint (no data.pkl)")
         prefix = pickle_name[: -len("data.pkl")]
-        state = _LazyUnpickler(io.BytesIO(archive.read(pickle_name))).load()
         infos = {info.filename: info for info in archive.infolist()}
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, struct.error, OSError) as error:
-        raise NemoliteError(f"{window.path} is not a readable torch checkpoint ({error}); it may be truncated "
-                            "or corrupt, copy or download it again") from None
-    if not isinstance(state, dict):
-        raise NemoliteError(f"{window.path} holds a {type(state).__name__}, not a state dict")
+        _check_entry(window, infos[pickle_name])
+        state = _LazyUnpickler(io.BytesIO(archive.read(pickle_name))).load()
+    except NemoliteError:
+        raise
+    except Exception as error:  # BadZipFile, EOFError, UnpicklingError, struct.error, TypeError from a crafted pickle...
+        raise NemoliteError(f"{window.path} is not a readable torch checkpoint ({type(error).__name__}: {error}); "
+                            "it may be truncated, corrupt or not a plain state dict") from None
 
     def resolve(name: str, value):
         if not (isinstance(value, tuple) and len(value) == 4 and isinstance(value[0], _Storage)):
@@ -163,10 +190,38 @@ def read_torch_checkpoint(window: FileWindow) -> dict[str, object]:
             raise NemoliteError(f"{window.path} lacks the data of tensor {name}; the checkpoint is incomplete")
         if info.compress_type != zipfile.ZIP_STORED:
             raise NemoliteError(f"{window.path} stores tensor {name} compressed; re-save it with torch.save")
-        return LazyTensor(window, name, _data_offset(window, info), storage.numel, storage.dtype,
-                          shape, stride, storage_offset)
+        itemsize = torch.empty((), dtype=storage.dtype).element_size()
+        if storage.numel * itemsize != info.file_size:  # checked before anything of that size is allocated
+            raise NemoliteError(f"{window.path}: tensor {name} claims a storage of {storage.numel} elements "
+                                f"({storage.numel * itemsize} bytes) but its record holds {info.file_size} bytes; "
+                                "the checkpoint is corrupt or crafted")
+        _check_view(window, name, storage, storage_offset, shape, stride)
+        offset = _data_offset(window, info)
+        if offset + info.file_size > window.size:
+            raise NemoliteError(f"{window.path} is truncated at tensor {name}; copy or download it again")
+        return LazyTensor(window, name, offset, storage.numel, storage.dtype, shape, stride, storage_offset)
 
-    return {key: resolve(key, value) for key, value in state.items()}
+    return state, resolve
+
+
+def _check_entry(window: FileWindow, info: zipfile.ZipInfo) -> None:
+    """A zip entry must fit in the file, and a deflated one may not claim more than deflate can expand to."""
+    expansion = 1 if info.compress_type == zipfile.ZIP_STORED else 1032
+    if info.file_size > info.compress_size * expansion or info.compress_size > window.size:
+        raise NemoliteError(f"{window.path}: zip entry {info.filename} claims {info.file_size} bytes from "
+                            f"{info.compress_size} stored in a {window.size}-byte file; it is corrupt or crafted")
+
+
+def _check_view(window: FileWindow, name: str, storage: _Storage, offset, shape, stride) -> None:
+    """The view (offset, shape, stride) must lie inside its storage, or ``as_strided`` would read past it."""
+    numbers = [offset, *shape, *stride]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers) or len(shape) != len(stride):
+        raise NemoliteError(f"{window.path}: tensor {name} has an invalid view (offset {offset!r}, shape "
+                            f"{shape!r}, stride {stride!r}); the checkpoint is corrupt or crafted")
+    last = offset + sum((size - 1) * step for size, step in zip(shape, stride))
+    if all(shape) and last >= storage.numel:
+        raise NemoliteError(f"{window.path}: tensor {name} of shape {list(shape)} reaches element {last} of a "
+                            f"{storage.numel}-element storage; the checkpoint is corrupt or crafted")
 
 
 def _data_offset(window: FileWindow, info: zipfile.ZipInfo) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from nemolite.checkpoint import dist_checkpoint as dc
+from nemolite.checkpoint import torch_dist, zarr_array
 from nemolite.checkpoint.dist_checkpoint import open_dist_checkpoint
 from nemolite.errors import NemoliteError
 
@@ -128,7 +128,7 @@ def test_torch_dist_reassembles_sharded_tensors(tmp_path):
         dcp.save({STACKED: init_from_local_shards(shards, [3, 12, 8])}, checkpoint_id=directory)
     (directory / "metadata.json").write_text(json.dumps(TORCH_DIST_META))
     reader = open_dist_checkpoint(directory)
-    assert len(reader._entries[STACKED].chunks) == 6
+    assert len(reader._chunks[STACKED]) == 6
     assert torch.equal(reader.read(STACKED), full)
     assert torch.equal(reader.read_slice(STACKED, 1), full[1])
 
@@ -136,7 +136,6 @@ def test_torch_dist_reassembles_sharded_tensors(tmp_path):
 def test_torch_dist_read_slice_reads_only_that_layers_shards(tmp_path, monkeypatch):
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
-    from torch.distributed.checkpoint import FileSystemReader
 
     full = torch.randn(4, 5, 3)
     shards = [Shard(full[i:i + 1].clone(), ShardMetadata([i, 0, 0], [1, 5, 3], "rank:0/cpu")) for i in range(4)]
@@ -146,16 +145,15 @@ def test_torch_dist_read_slice_reads_only_that_layers_shards(tmp_path, monkeypat
         dcp.save({"w": init_from_local_shards(shards, [4, 5, 3]), "other": torch.randn(100)}, checkpoint_id=directory)
     (directory / "metadata.json").write_text(json.dumps(TORCH_DIST_META))
     reader = open_dist_checkpoint(directory)
-    sliced = []
-    original = FileSystemReader._slice_file
-    monkeypatch.setattr(FileSystemReader, "_slice_file",
-                        lambda self, file, info: sliced.append(info) or original(self, file, info))
+    opened = []
+    original = torch_dist.FileWindow
+    monkeypatch.setattr(torch_dist, "FileWindow", lambda path, start, size: opened.append(start) or
+                        original(path, start, size))
     assert torch.equal(reader.read_slice("w", 2), full[2])
-    index = reader._metadata.storage_data
-    assert sliced == [index[next(i for i in index if i.fqn == "w" and i.offset[0] == 2)]]
-    sliced.clear()
+    assert opened == [reader._chunks["w"][2].piece.offset]
+    opened.clear()
     reader.read("other")
-    assert sliced == [index[next(i for i in index if i.fqn == "other")]]
+    assert opened == [reader._chunks["other"][0].piece.offset]
 
 
 def test_torch_dist_errors(tmp_path, tensors):
@@ -231,7 +229,7 @@ def test_zarr_read_slice_opens_only_that_layers_chunks(tmp_path, tensors, monkey
         write_zarr_array(directory, key, tensor, chunks=(1, 6, 8) if key == STACKED else None)
     reader = open_dist_checkpoint(directory)
     opened = []
-    monkeypatch.setattr(dc, "open", lambda path, mode: opened.append(Path(path)) or open(path, mode), raising=False)
+    monkeypatch.setattr(zarr_array, "open", lambda path, mode: opened.append(Path(path)) or open(path, mode), raising=False)
     reader.read_slice(STACKED, 1)
     assert opened == [directory / STACKED / "1.0.0", directory / STACKED / "1.1.0"]
     opened.clear()
