@@ -8,6 +8,8 @@ weights plus at most one tensor of extra memory, whatever the number of shards.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,36 +39,59 @@ class SafetensorsEntry:
 
 
 def read_safetensors_header(file: Path) -> dict[str, SafetensorsEntry]:
-    """Parse the 8-byte length + JSON header of a .safetensors file (no tensor data is read)."""
+    """Parse the 8-byte length + JSON header of a .safetensors file (no tensor data is read); every entry's
+    shape must match its byte range, inside the file."""
     try:
         with open(file, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
             (header_size,) = struct.unpack("<Q", handle.read(8))
-            if header_size > 100_000_000:
-                raise ValueError(f"header of {header_size} bytes")
+            if header_size > min(100_000_000, file_size - 8):
+                raise ValueError(f"a header of {header_size} bytes in a {file_size}-byte file")
             header = json.loads(handle.read(header_size))
-        file_size = file.stat().st_size
-    except (OSError, ValueError, struct.error) as error:
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a {type(header).__name__}, not a JSON object")
+    except (OSError, ValueError, struct.error, RecursionError) as error:
         raise NemoliteError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
     data_start = 8 + header_size
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise NemoliteError(f"tensor {name} in {file} has unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise NemoliteError(f"tensor {name} in {file} has unsupported dtype {dtype}")
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1] and _naturals(shape)):
+            raise NemoliteError(f"{file}: tensor {name} has invalid data_offsets {offsets!r} or shape {shape!r}; "
+                                "the file is corrupt or crafted")
+        begin, end = offsets
+        nbytes = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        if end - begin != nbytes:  # checked here, before any buffer of that shape is allocated
+            raise NemoliteError(f"{file}: tensor {name} of shape {shape} needs {nbytes} bytes but its data_offsets "
+                                f"span {end - begin}; the file is corrupt or crafted")
         if data_start + end > file_size:
             raise NemoliteError(f"{file} is truncated: tensor {name} ends past the end of the file; re-download it")
-        entries[name] = SafetensorsEntry(file, name, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
+        entries[name] = SafetensorsEntry(file, name, SAFETENSORS_DTYPES[dtype], tuple(shape),
                                          data_start + begin, end - begin)
     return entries
+
+
+def _naturals(value) -> bool:
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
 
 
 def checkpoint_entries(path: Path) -> dict[str, SafetensorsEntry]:
     """Every tensor of a single-file or sharded safetensors checkpoint directory."""
     index = path / INDEX_FILE
     if index.is_file():
-        files = sorted({path / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+            raise NemoliteError(f"{index} is not a readable index ({type(error).__name__}: {error})") from None
+        for shard in shards:  # names inside the checkpoint only (HF caches symlink them: links are fine)
+            if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise NemoliteError(f"{INDEX_FILE} names the shard {shard!r}, which is not a file of {path}")
+        files = sorted(path / shard for shard in shards)
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:

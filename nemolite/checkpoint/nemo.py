@@ -76,7 +76,11 @@ class NemoCheckpoint:
         archive = self.archive
         if not archive.exists(CONFIG_FILE):
             raise NemoliteError(f"{archive.path} has no {CONFIG_FILE}: is it a NeMo checkpoint?")
-        self.raw_config = read_model_config(archive.read_bytes(CONFIG_FILE).decode(), archive.path / CONFIG_FILE)
+        try:
+            text = archive.read_bytes(CONFIG_FILE).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise NemoliteError(f"{archive.path / CONFIG_FILE} is not UTF-8 text: {error}") from None
+        self.raw_config = read_model_config(text, archive.path / CONFIG_FILE)
         self.facts = nemo_model_facts(self.raw_config)
         self.tokenizer_dir, bos, eos, tokenizer_size = self._tokenizer()
         self.state = read_weights(archive, self.facts.gated_mlp)
@@ -110,7 +114,8 @@ class NemoCheckpoint:
             name = Path(name).name
         if not self.archive.exists(name):
             raise NemoliteError(f"model_config.yaml field 'tokenizer.model' names {facts.tokenizer_model!r}, "
-                                f"which is not in {self.archive.path}")
+                                f"which is not a file inside {self.archive.path} (nothing outside the checkpoint "
+                                "is read)")
         directory = Path(self.archive.temp_dir()) / "tokenizer"
         directory.mkdir(exist_ok=True)
         self.archive.copy_out(name, directory / "tokenizer.model")

@@ -3,7 +3,10 @@
 An uncompressed tar is never extracted: each member is a ``FileWindow`` onto the tar file
 itself. Gzipped tars (NeMo < 1.7) cannot be read in place and are extracted to a temporary
 directory with ``filter="data"``; so are distributed-checkpoint folders inside a tar, whose
-readers need a directory. Members with absolute or ``..`` paths make the archive refused.
+readers need a directory. Members with absolute or ``..`` paths, links, devices or fifos make the
+archive refused, and so does a gzipped one whose members need more disk than is free.
+Names are looked up inside the checkpoint only: in a directory, a path that leaves it (``..``,
+absolute, or a symlink out) is treated as absent.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 from nemolite.checkpoint.torch_zip import FileWindow
@@ -34,17 +38,20 @@ class NemoArchive:
             raise NemoliteError(f"NeMo checkpoint {self.path} does not exist")
 
     def _open_tar(self) -> None:
+        with open(self.path, "rb") as file:
+            gzipped = file.read(2) == b"\x1f\x8b"
         try:
-            tar = tarfile.open(self.path, "r:")
+            tar = tarfile.open(self.path, "r:gz" if gzipped else "r:")
             members = tar.getmembers()
-        except tarfile.ReadError:
-            try:
-                tar = tarfile.open(self.path, "r:gz")
-                members = tar.getmembers()
-            except (tarfile.ReadError, EOFError, OSError) as error:
-                raise NemoliteError(f"{self.path} is not a .nemo archive (neither tar nor gzipped tar: {error}); "
-                                    "it may be truncated, copy or download it again") from None
+        except (tarfile.TarError, EOFError, OSError, UnicodeError, zlib.error) as error:
+            raise NemoliteError(f"{self.path} is not a readable .nemo archive ({'gzipped ' if gzipped else ''}tar: "
+                                f"{error}); it may be truncated, copy or download it again") from None
+        if gzipped:
             self._check_paths(members)
+            claimed, free = sum(member.size for member in members), shutil.disk_usage(self.temp_dir()).free
+            if claimed > free:
+                raise NemoliteError(f"{self.path}: extracting this gzipped archive needs {claimed / 2**30:.1f} GiB, "
+                                    f"but only {free / 2**30:.1f} GiB are free in {self.temp_dir()}")
             self.root = Path(self.temp_dir()) / "nemo"
             _extract(tar, members, self.root)
             tar.close()
@@ -65,6 +72,10 @@ class NemoArchive:
             if name.startswith(("/", "\\")) or ".." in Path(name.replace("\\", "/")).parts:
                 raise NemoliteError(f"{self.path} holds a member with an unsafe path {name!r}; refusing to read "
                                     "this archive")
+            if not (member.isfile() or member.isdir()):  # NeMo writes files and folders only
+                kind = "link" if member.issym() or member.islnk() else "device or fifo"
+                target = f" -> {member.linkname!r}" if member.linkname else ""
+                raise NemoliteError(f"{self.path} holds a {kind} {name!r}{target}; refusing to read this archive")
 
     def temp_dir(self) -> str:
         if self._temp is None:
@@ -78,15 +89,27 @@ class NemoArchive:
                           if path.is_file())
         return sorted(self._members)
 
+    def _inside(self, name: str) -> Path | None:
+        """``root / name`` when it stays inside the checkpoint, symlinks resolved; else None."""
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return None
+        path = self.root / name
+        root = self.root.resolve()
+        return path if path.resolve() == root or root in path.resolve().parents else None
+
     def exists(self, name: str) -> bool:
         if self.root is not None:
-            return (self.root / name).is_file()
-        return name in self._members
+            path = self._inside(name)
+            return path is not None and path.is_file()
+        return posixpath.normpath(name) in self._members
 
     def window(self, name: str) -> FileWindow:
         if self.root is not None:
-            return FileWindow(self.root / name)
-        member = self._members[name]
+            path = self._inside(name)
+            if path is None:
+                raise NemoliteError(f"{name!r} is not inside the checkpoint {self.path}; refusing to read it")
+            return FileWindow(path)
+        member = self._members[posixpath.normpath(name)]
         return FileWindow(self.path, member.offset_data, member.size)
 
     def read_bytes(self, name: str) -> bytes:
@@ -96,7 +119,10 @@ class NemoArchive:
     def directory(self, prefix: str) -> Path:
         """A real directory holding the member folder ``prefix`` (extracted from a tar if needed)."""
         if self.root is not None:
-            return self.root / prefix
+            path = self._inside(prefix)
+            if path is None:
+                raise NemoliteError(f"{prefix!r} leaves the checkpoint {self.path}; refusing to read it")
+            return path
         destination = Path(self.temp_dir()) / "extracted"
         members = [member for name, member in self._members.items() if name.startswith(prefix + "/")]
         _extract(self._tar, members, destination)

@@ -55,11 +55,11 @@ def nemo_model_facts(raw: dict) -> NemoModelFacts:
         if raw.get(name) not in fine:
             raise NemoliteError(f"model_config.yaml field '{name}' is {raw.get(name)!r}; nemolite does not support it")
     activation = raw.get("activation", "gelu")
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise NemoliteError(f"model_config.yaml field 'activation' is {activation!r}; nemolite runs "
                             f"{sorted(ACTIVATIONS)} (no GELU MLP in the Nemotron family)")
     normalization = raw.get("normalization", "layernorm")
-    if normalization not in NORMALIZATIONS:
+    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
         raise NemoliteError(f"model_config.yaml field 'normalization' is {normalization!r}; "
                             f"supported: {NORMALIZATIONS}")
     if normalization == "layernorm" and raw.get("layernorm_zero_centered_gamma"):
@@ -83,6 +83,8 @@ def nemo_model_facts(raw: dict) -> NemoModelFacts:
         raise NemoliteError(f"model_config.yaml field 'num_query_groups' ({groups}) must divide "
                             f"num_attention_heads ({heads})")
     tokenizer = raw.get("tokenizer") or {}
+    if not isinstance(tokenizer, dict):
+        raise NemoliteError(f"model_config.yaml field 'tokenizer' must be a mapping, got {tokenizer!r}")
     model = tokenizer.get("model")
     if isinstance(model, str) and model.startswith("nemo:"):
         model = model[len("nemo:"):]
@@ -157,7 +159,7 @@ def read_model_config(text: str, where: str | Path) -> dict:
 
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, RecursionError) as error:
         raise NemoliteError(f"{where} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise NemoliteError(f"{where} does not hold a model configuration mapping")

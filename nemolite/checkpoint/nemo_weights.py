@@ -161,6 +161,8 @@ def state_from_dist_checkpoint(reader) -> dict[str, object]:
         match = re.match(r"((?:language_model\.(?:encoder|transformer)|decoder)\.layers)\.([a-z_].*)$",
                          _PREFIX.sub("", key))
         if match:
+            if not reader.shape(key):
+                raise NemoliteError(f"{key} is a scalar, not a tensor stacked over layers; the checkpoint is corrupt")
             for index in range(reader.shape(key)[0]):
                 layer_name = canonical_name(f"{match.group(1)}.{index}.{match.group(2)}")
                 state[layer_name] = LayerSlice(reader, key, index)

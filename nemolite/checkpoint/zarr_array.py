@@ -32,8 +32,8 @@ from nemolite.errors import NemoliteError
 # The most times its stored size a chunk can decode to with each codec: deflate's 1032; lz4's about
 # 255 (one byte per 255 of match length); zstd's 32768 (a 4-byte RLE block per 128 KiB); blosc's that
 # of its inner codec (at most zstd's); lzma's about 7000 and bzip2's about 46 million, with margin.
-MAX_EXPANSION = {"zlib": 1032, "gzip": 1032, "lz4": 256, "zstd": 32768, "blosc": 32768, "lzma": 1 << 14,
-                 "bz2": 1 << 26}
+MAX_EXPANSION = {"blosc": 32768, "zstd": 32768, "lz4": 256, "zlib": 1032, "gzip": 1032, "bz2": 1 << 26,
+                 "lzma": 1 << 14}
 ALLOWED_CODECS = tuple(MAX_EXPANSION)
 
 
@@ -96,12 +96,14 @@ class ZarrReader(DistCheckpointReader):
                                                                                  dtype=torch.uint8)).reshape(1)
         grid = [range(start // chunks[0], -(-stop // chunks[0]))]
         grid += [range(-(-size // chunk)) for size, chunk in zip(shape[1:], chunks[1:])]
+        rows = (stop - start, *shape[1:])
+        if meta.get("fill_value") is not None:  # absent chunks are the fill value: no file backs them
+            _check_memory(math.prod(rows) * meta["storage"].itemsize, f"{meta['path']} (rows {start}:{stop})")
         indices = [tuple(axis[i] for axis, i in zip(grid, index))
                    for index in np.ndindex(*(len(axis) for axis in grid))]
-        stored = [self._stored(meta, index) for index in indices]  # every file checked before allocating
-        rows = (stop - start, *shape[1:])
-        if None in stored:
-            _check_memory(math.prod(rows) * meta["storage"].itemsize, f"{meta['path']} (rows {start}:{stop})")
+        stored = []
+        for index in indices:  # every file checked before anything is allocated
+            stored.append(self._stored(meta, index))
         out = torch.empty(rows, dtype=self._dtypes[key])
         buffer = torch.empty(math.prod(chunks) * meta["storage"].itemsize, dtype=torch.uint8)  # reused per chunk
         for index, size in zip(indices, stored):
