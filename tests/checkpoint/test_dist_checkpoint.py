@@ -359,21 +359,28 @@ def test_reading_one_tensor_does_not_load_the_others(tmp_path, backend):
 WRITER = Path(__file__).with_name("mcore_writer.py")
 
 
-@pytest.mark.parametrize("backend", ["torch_dist", "zarr"])
-def test_megatron_core_written_checkpoint(tmp_path, backend):
-    """megatron-core's own dist_checkpointing.save (gloo, one rank, CPU). Its zarr backend is gone from
-    current megatron-core; NEMOLITE_TEST_MCORE_ZARR_PATH may name a site dir holding megatron-core 0.10,
-    zarr 2, numcodecs<0.16 and tensorstore, prepended to PYTHONPATH for the zarr case (and
-    NEMOLITE_TEST_MCORE_PATH one holding current megatron-core, as .ci/run installs it)."""
-    env = dict(os.environ)
-    site = os.environ.get("NEMOLITE_TEST_MCORE_ZARR_PATH" if backend == "zarr" else "NEMOLITE_TEST_MCORE_PATH")
-    if site:
-        env["PYTHONPATH"] = os.pathsep.join([site, env.get("PYTHONPATH", "")])
+# (environment variable naming a site dir, backend): .ci/run installs megatron-core 0.16.1 (no zarr strategy
+# left) and 0.14.0 (the release of NeMo 2.5.0) with zarr 2, numcodecs<0.16 and tensorstore (bf16 for numpy).
+WRITERS = [("NEMOLITE_TEST_MCORE_PATH", "torch_dist"), ("NEMOLITE_TEST_MCORE014_PATH", "torch_dist"),
+           ("NEMOLITE_TEST_MCORE014_PATH", "zarr"), ("NEMOLITE_TEST_MCORE_ZARR_PATH", "zarr")]
+
+
+@pytest.mark.parametrize("variable,backend", WRITERS)
+def test_megatron_core_written_checkpoint(tmp_path, variable, backend):
+    """megatron-core's own dist_checkpointing.save (gloo, one rank, CPU), from the site dir ``variable``
+    names (prepended to PYTHONPATH); NEMOLITE_TEST_MCORE_ZARR_PATH may name an older one (0.10, zarr 2,
+    numcodecs<0.16, tensorstore)."""
+    site = os.environ.get(variable)
+    if not site:
+        pytest.skip(f"{variable} is not set (.ci/run sets it)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-W", "ignore", str(WRITER), str(tmp_path / "ck"), backend],
                             env=env, capture_output=True, text=True, timeout=240)
     if result.returncode == 77:
         pytest.skip(f"megatron-core {backend} writer unavailable: {result.stdout.strip()[-200:]}")
     assert result.returncode == 0, result.stderr[-3000:]
+    if variable == "NEMOLITE_TEST_MCORE014_PATH" and backend == "torch_dist":  # the index NeMo 2.5.0 writes
+        assert b"MCoreSavePlan" in (tmp_path / "ck" / ".metadata").read_bytes()
     expected = torch.load(tmp_path / "expected.pt")
     reader = open_dist_checkpoint(tmp_path / "ck")
     assert reader.backend == backend and reader.keys() == sorted(expected)

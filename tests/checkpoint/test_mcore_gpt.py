@@ -4,10 +4,12 @@ run and saved by megatron-core on CPU (``mcore_gpt_writer.py``, in a subprocess)
 reproduce megatron-core's logits from every layout it was saved in, from the directory and from the
 ``.nemo`` tar, and ``nemolite convert`` must give a directory that transformers runs to the same logits.
 
-megatron-core comes from ``NEMOLITE_TEST_MCORE_PATH`` (default ``/tmp/mcore`` when present, e.g. from
-``pip install --no-deps --target /tmp/mcore megatron-core``); the zarr layout needs an older megatron-core
-(0.10, with zarr 2, numcodecs<0.16, tensorstore) from ``NEMOLITE_TEST_MCORE_ZARR_PATH`` (default
-``/tmp/mcore_old`` when present). Without them the tests skip.
+Each test runs once per megatron-core: 0.16.1 from ``NEMOLITE_TEST_MCORE_PATH`` and 0.14.0 (the release of NeMo 2.5.0,
+whose torch_dist index pickles ``MCoreSavePlan``) from ``NEMOLITE_TEST_MCORE014_PATH`` (defaults
+``/tmp/mcore``, ``/tmp/mcore014`` when present; ``pip install --no-deps --target DIR megatron-core==X``).
+The zarr layout is written by a megatron-core that still has the zarr strategy and whose site dir holds
+zarr 2, numcodecs<0.16 and tensorstore: 0.14.0's as .ci/run installs it, or for 0.16.1 an older one
+(0.10) from ``NEMOLITE_TEST_MCORE_ZARR_PATH``. Without them the tests skip.
 """
 
 from __future__ import annotations
@@ -41,12 +43,16 @@ def _write(site: str, out: Path, tokenizer: Path, *extra: str) -> subprocess.Com
                           env=env, capture_output=True, text=True, timeout=240, cwd=out)
 
 
-@pytest.fixture(scope="module")
-def megatron(tmp_path_factory):
+SITES = {"0.16": ("NEMOLITE_TEST_MCORE_PATH", "/tmp/mcore"), "0.14": ("NEMOLITE_TEST_MCORE014_PATH", "/tmp/mcore014")}
+
+
+@pytest.fixture(scope="module", params=sorted(SITES))
+def megatron(request, tmp_path_factory):
     """The writer's output directory: logits.pt, input_ids.pt and one NeMo tree per layout."""
-    site = _site("NEMOLITE_TEST_MCORE_PATH", "/tmp/mcore")
+    variable, default = SITES[request.param]
+    site = _site(variable, default)
     if site is None:
-        pytest.skip("megatron-core not found: set NEMOLITE_TEST_MCORE_PATH to a directory holding it "
+        pytest.skip(f"megatron-core {request.param} not found: set {variable} to a directory holding it "
                     "(pip install --no-deps --target DIR megatron-core)")
     out = tmp_path_factory.mktemp("mcore_gpt")
     write_sentencepiece(out)
@@ -55,9 +61,10 @@ def megatron(tmp_path_factory):
     if result.returncode == 77:
         pytest.skip(f"megatron-core is not importable from {site}")
     assert result.returncode == 0, result.stderr[-4000:]
-    old_site = _site("NEMOLITE_TEST_MCORE_ZARR_PATH", "/tmp/mcore_old")
-    if old_site is not None:
-        zarr = _write(old_site, out, out / "tokenizer.model", "zarr")
+    zarr_site = site if os.path.isdir(os.path.join(site, "zarr")) else _site("NEMOLITE_TEST_MCORE_ZARR_PATH",
+                                                                             "/tmp/mcore_old")
+    if zarr_site is not None:
+        zarr = _write(zarr_site, out, out / "tokenizer.model", "zarr")
         assert zarr.returncode in (0, 77), zarr.stderr[-4000:]
     return out
 
@@ -79,12 +86,12 @@ def test_megatron_core_gpt_logits(megatron, tmp_path, layout):
     """local: torch_dist as megatron-core saves the local spec (norms under the TE spec's fused names);
     unmapped: torch_dist with the layers' key maps emptied (stacked local names, input_layernorm...);
     legacy: NeMo 1 model_weights.ckpt (per-layer local names, None _extra_state entries);
-    zarr: megatron-core 0.10's zarr strategy."""
+    zarr: megatron-core's zarr strategy (0.14, or 0.10 from NEMOLITE_TEST_MCORE_ZARR_PATH)."""
     from transformers import NemotronForCausalLM
 
     tree = megatron / layout
     if not tree.is_dir():
-        pytest.skip(f"{layout}: no older megatron-core with the zarr strategy (NEMOLITE_TEST_MCORE_ZARR_PATH)")
+        pytest.skip(f"{layout}: no megatron-core with the zarr strategy and zarr 2 (NEMOLITE_TEST_MCORE014_PATH)")
     input_ids = torch.load(megatron / "input_ids.pt")
     expected = torch.load(megatron / "logits.pt")
     assert expected.shape == (*input_ids.shape, VOCAB)
