@@ -1,4 +1,5 @@
-"""Reading a JSON object sent by a client, with a message that says what is wrong when it cannot be read."""
+"""Reading what a client sent: a JSON object, with a message that says what is wrong when it cannot be
+read, and text that must be valid Unicode (JSON's ``"\ud800"`` decodes to a lone surrogate)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,12 @@ def parse_json_object(data: bytes, what: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object")
     return value
+
+
+def valid_unicode(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

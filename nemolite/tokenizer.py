@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nemolite.errors import NemoliteError
+from nemolite.json_body import valid_unicode
 
 NEMOTRON_STOP = "<extra_id_1>"
 ROLES = ("system", "user", "assistant")
@@ -62,10 +63,8 @@ class Tokenizer:
         """Token ids of ``text``; ``add_bos`` None follows the checkpoint's own rule."""
         if not isinstance(text, str):
             raise NemoliteError(f"text to encode must be a string, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise NemoliteError("the text is not valid Unicode (it holds a lone surrogate such as \\ud800)") from None
+        if not valid_unicode(text):
+            raise NemoliteError("the text is not valid Unicode (it holds a lone surrogate such as \\ud800)")
         if add_bos is None and isinstance(self.backend, _HFBackend) and self.add_bos_default is None:
             return self.backend.encode(text, add_special_tokens=True)
         ids = self.backend.encode(text, add_special_tokens=False)

@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from nemolite.errors import NemoliteError
+from nemolite.json_body import valid_unicode
 
 
 @dataclasses.dataclass(slots=True)
@@ -65,6 +66,7 @@ class SamplingParams:
         need(self.stop is None or isinstance(self.stop, (list, tuple)), "stop must be a string or a list of strings")
         self.stop = list(self.stop or [])
         need(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
+        need(all(valid_unicode(s) for s in self.stop), "stop strings must be valid Unicode (no lone surrogates)")
         need(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
              "stop_token_ids must be a list of token ids")
         self.stop_token_ids = list(self.stop_token_ids or [])

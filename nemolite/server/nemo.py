@@ -16,7 +16,9 @@ from fastapi import APIRouter, Request
 
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
-from nemolite.server.state import Job, RequestError, ServerState, engine_call, read_json_object, state_of
+from nemolite.json_body import valid_unicode
+from nemolite.server.state import (LOGPROB_FLOOR, Job, RequestError, ServerState, engine_call, json_logprob,
+                                   read_json_object, state_of)
 from nemolite.tokenizer import IncrementalDetokenizer
 
 router = APIRouter()
@@ -97,6 +99,7 @@ def parse_request(data: dict) -> GenerateRequest:
         value = data["end_strings"]
         need(isinstance(value, list) and all(isinstance(s, str) for s in value),
              "expect end_strings to be a list of strings")
+        need(all(valid_unicode(s) for s in value), "end_strings must be valid Unicode (no lone surrogates)")
         request.end_strings = [s for s in value if s]
     if "min_tokens_to_generate" in data:
         value = data["min_tokens_to_generate"]
@@ -152,13 +155,13 @@ def _row(prompt: str, output: RequestOutput, request: GenerateRequest, state: Se
     row = {"sentence": prompt + completion.text, "tokens": state.tokenizer.convert_ids_to_tokens(ids),
            "token_ids": ids, "offsets": offsets, "logprob": None}
     if request.compute_logprob or request.all_probs:
-        prompt_part = [entry[token].logprob for entry, token in
+        prompt_part = [json_logprob(entry[token].logprob) for entry, token in
                        zip(output.prompt_logprobs[1:], output.prompt_token_ids[1:])]
-        generated = [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)]
+        generated = [json_logprob(entry[token].logprob) for entry, token in zip(completion.logprobs, completion.token_ids)]
         row["logprob"] = prompt_part + generated
     if request.all_probs:
         rows = [*(output.prompt_full_logprobs or []), *(completion.full_logprobs or [])]
-        row["full_logprob"] = [r.tolist() for r in rows]
+        row["full_logprob"] = [r.clamp(min=LOGPROB_FLOOR).tolist() for r in rows]
     return row
 
 

@@ -22,7 +22,7 @@ from nemolite.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.server import reward
 from nemolite.server.schemas import Body, ChatMessage
-from nemolite.server.state import Job, RequestError, ServerState, engine_call, state_of
+from nemolite.server.state import Job, RequestError, ServerState, engine_call, json_logprob, state_of
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
 
 router = APIRouter()
@@ -144,7 +144,7 @@ def _top(tokenizer: Tokenizer, previous: int | None, entry: dict[int, Logprob]) 
     top: dict[str, float] = {}
     for token_id, value in entry.items():
         text = _piece(tokenizer, previous, token_id)
-        top[text] = max(value.logprob, top.get(text, -float("inf")))
+        top[text] = max(json_logprob(value.logprob), top.get(text, -float("inf")))
     return top
 
 
@@ -182,7 +182,7 @@ def _completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list[dic
         previous = ids[position - 1] if position else None
         result["tokens"].append(text)
         result["text_offset"].append(offset)
-        result["token_logprobs"].append(None if entry is None else entry[token_id].logprob)
+        result["token_logprobs"].append(None if entry is None else json_logprob(entry[token_id].logprob))
         result["top_logprobs"].append(None if entry is None else _top(tokenizer, previous, entry))
     return result
 
@@ -339,9 +339,9 @@ def _chat_logprobs(state: ServerState, prompt_ids: list[int], completion: Comple
     for token_id, entry in zip(completion.token_ids[first:], (completion.logprobs or [])[first:]):
         text = _piece(tokenizer, previous, token_id)
         ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:top_n]
-        top = [{"token": (t := _piece(tokenizer, previous, tid)), "logprob": value.logprob,
+        top = [{"token": (t := _piece(tokenizer, previous, tid)), "logprob": json_logprob(value.logprob),
                 "bytes": list(t.encode())} for tid, value in ranked]
-        content.append({"token": text, "logprob": entry[token_id].logprob, "bytes": list(text.encode()),
+        content.append({"token": text, "logprob": json_logprob(entry[token_id].logprob), "bytes": list(text.encode()),
                         "top_logprobs": top})
         previous = token_id
     return {"content": content}

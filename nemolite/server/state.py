@@ -36,6 +36,15 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20  # request body (--max-request-bytes)
 OFF_LOOP_CHARACTERS = 4096
 
 
+# JSON has no -Infinity: a token that a filter (allowed_token_ids, min_tokens) made impossible is sent
+# with this logprob, as vLLM's OpenAI server does.
+LOGPROB_FLOOR = -9999.0
+
+
+def json_logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
 class RequestError(Exception):
     """A request the server will not run; ``status`` is the HTTP status to answer with."""
 
