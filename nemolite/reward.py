@@ -52,6 +52,9 @@ def reward_model_hf_config(hf_config: dict, num_attributes: int) -> dict:
             "label2id": {name: i for i, name in enumerate(names)}}
 
 
+MAX_WEIGHT = 1e6
+
+
 def resolve_weights(weights: Sequence[float] | Mapping[str, float] | None,
                     names: Sequence[str] = ATTRIBUTES) -> list[float]:
     """Attribute weights as a list in head order: None gives the defaults (HelpSteer2's for nine
@@ -70,8 +73,9 @@ def resolve_weights(weights: Sequence[float] | Mapping[str, float] | None,
         if len(values) != len(names):
             raise NemoliteError(f"give {len(names)} attribute weights (one per attribute: {list(names)}), "
                                 f"got {len(values)}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf") for v in values):
-        raise NemoliteError("attribute weights must be finite numbers")
+    # Bounded so that a weighted score stays a finite JSON number (1e308 x 2 is inf, which JSON cannot hold).
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= MAX_WEIGHT for v in values):
+        raise NemoliteError(f"attribute weights must be numbers in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
     return [float(v) for v in values]
 
 
