@@ -24,9 +24,10 @@ class RequestLimits:
     max_stop_strings: int = 64  # stop strings per request, scanned every token (--max-stop-strings)
     max_stop_length: int = 256  # characters in one stop string (--max-stop-length)
     max_logprobs: int = 20  # logprobs / top_logprobs / prompt logprobs per position (--max-logprobs), as vLLM's
-    # Positions x vocabulary of whole-distribution outputs (NeMo all_probs): one fp32 value each in memory,
-    # about 10 bytes each as JSON. 2**24 is 64 MB: 64 positions of Nemotron-4's 256k vocabulary.
-    max_full_logprob_values: int = 2**24  # (--max-full-logprob-values)
+    # Positions x vocabulary of whole-distribution outputs (NeMo all_probs): 4 bytes each in memory and
+    # 10-20 as JSON. 2**22 is 16 MB in memory, up to ~80 MB of JSON: 16 positions of Nemotron-4's 256k
+    # vocabulary, 1,024 of the demo model's 4k.
+    max_full_logprob_values: int = 2**22  # (--max-full-logprob-values)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
