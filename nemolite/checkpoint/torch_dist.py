@@ -148,6 +148,8 @@ class TorchDistReader(DistCheckpointReader):
         pieces = {}
         for where, info in storage.items():
             fqn, offset = _field(where, "fqn"), _field(where, "offset")
+            if not isinstance(fqn, str) or offset is not None and not _is_shape(offset):  # None: a bytes item
+                raise self._corrupt(f"storage entry {where!r} names no tensor and offset")
             pieces[(fqn, offset)] = self._piece(fqn, info)
         self._chunks: dict[str, list[_Chunk]] = {}
         for key, entry in tensors.items():
@@ -160,7 +162,7 @@ class TorchDistReader(DistCheckpointReader):
         return NemoliteError(f"{self._where} is corrupt or crafted: {what}")
 
     def _piece(self, fqn, info) -> _Piece:
-        if type(info).__name__ != "_StorageInfo" or not isinstance(fqn, str):
+        if type(info).__name__ != "_StorageInfo":
             raise self._corrupt(f"storage entry {fqn!r} is a {type(info).__name__}")
         name, offset, length = (_field(info, field) for field in ("relative_path", "offset", "length"))
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
@@ -210,9 +212,9 @@ class TorchDistReader(DistCheckpointReader):
                 if path.resolve().parent != root:
                     raise self._corrupt(f"{name} resolves outside {self.directory}")
                 file_size = path.stat().st_size
-            except FileNotFoundError:
-                raise NemoliteError(f"{self.directory}: data file {name} named by .metadata is missing; the "
-                                    "checkpoint is incomplete") from None
+            except OSError as error:
+                raise NemoliteError(f"{self.directory}: data file {name} named by .metadata is missing or "
+                                    f"unreadable ({error}); the checkpoint is incomplete") from None
             end = 0
             for piece in sorted(group, key=lambda piece: piece.offset):
                 if piece.offset < end or piece.offset + piece.length > file_size:

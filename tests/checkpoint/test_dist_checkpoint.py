@@ -182,6 +182,48 @@ def test_torch_dist_errors(tmp_path, tensors):
         open_dist_checkpoint(directory)
 
 
+@pytest.mark.parametrize("version", ["0.12-0.14", "0.15"])
+def test_torch_dist_index_as_megatron_core_pickles_it(tmp_path, tensors, monkeypatch, version):
+    """megatron-core 0.12-0.14 add ``mcore_data`` and ``all_local_plans`` (MCoreSavePlan, a SavePlan subclass)
+    to the index; 0.15 pickles the index itself as MCoreMetadata (a Metadata subclass). Built here with
+    stand-in classes of the same module and names (megatron/core/dist_checkpointing/strategies/torch.py),
+    removed again before reading: nemolite must not need megatron to read them."""
+    import dataclasses
+    import types
+
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    name = "megatron.core.dist_checkpointing.strategies.torch"
+    module = types.ModuleType(name)
+    module.MCoreSavePlan = dataclasses.dataclass(frozen=True)(
+        type("MCoreSavePlan", (SavePlan,), {"__module__": name, "__annotations__": {"mcore_data": dict},
+                                            "mcore_data": None}))
+    module.MCoreMetadata = dataclasses.dataclass(
+        type("MCoreMetadata", (Metadata,), {"__module__": name, "__annotations__": {"mcore_data": dict},
+                                            "mcore_data": None}))
+    directory = write_dcp(tmp_path / "ck", tensors)
+    with open(directory / ".metadata", "rb") as file:
+        index = pickle.load(file)
+    mcore_data = {key: {"nd_reformulated_orig_global_shape": tuple(tensor.shape)} for key, tensor in tensors.items()}
+    plans = [module.MCoreSavePlan(items=[], mcore_data=mcore_data)]
+    if version == "0.15":
+        index = module.MCoreMetadata(mcore_data=mcore_data, **vars(index))
+    else:
+        index.mcore_data = mcore_data
+    index.all_local_plans = plans
+    with monkeypatch.context() as patch:
+        parts = name.split(".")
+        for depth in range(1, len(parts)):  # pickle imports the module by name, parents first
+            patch.setitem(sys.modules, ".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
+        patch.setitem(sys.modules, name, module)
+        (directory / ".metadata").write_bytes(pickle.dumps(index))
+    assert name not in sys.modules
+    reader = open_dist_checkpoint(directory)
+    for key, tensor in tensors.items():
+        assert torch.equal(reader.read(key), tensor), key
+
+
 def test_torch_dist_incomplete_shards_are_an_error(tmp_path, tensors):
     directory = write_dcp(tmp_path / "ck", tensors)
     with open(directory / ".metadata", "rb") as file:
