@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import io
 import math
-import os
 import pickle
 from pathlib import Path
 
