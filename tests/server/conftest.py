@@ -93,3 +93,33 @@ def wait_until_idle(engine: AsyncLLM, timeout: float = 10.0) -> dict:
 def wait_idle(demo_engine):
     """Call to wait until the shared engine is idle (see wait_until_idle)."""
     return lambda timeout=10.0: wait_until_idle(demo_engine, timeout)
+
+
+# The hostile-request servers (tests/server/hostile.py): engines of their own, one per test module.
+
+@pytest.fixture(scope="module")
+def harness():
+    from tests.server.hostile import Harness
+
+    harness = Harness()
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(scope="module")
+def reward_harness():
+    from tests.server.hostile import start_reward_harness
+
+    harness = start_reward_harness()
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(scope="module")
+def reference(demo_llm) -> str:
+    """The demo model's greedy answer to the hostile tests' reference prompt."""
+    from nemolite.engine.sampling_params import SamplingParams
+    from tests.server.hostile import REFERENCE_PROMPT, REFERENCE_TOKENS
+
+    params = SamplingParams(temperature=0, max_tokens=REFERENCE_TOKENS)
+    return demo_llm.generate([REFERENCE_PROMPT], params, use_tqdm=False)[0].outputs[0].text

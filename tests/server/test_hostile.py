@@ -12,35 +12,13 @@ import logging
 
 import pytest
 
-from nemolite.engine.sampling_params import SamplingParams
 
 from tests.server.conftest import MODEL_NAME, wait_until_idle
-from tests.server.hostile import (REFERENCE_CONVERSATION, REFERENCE_PROMPT, REFERENCE_TOKENS, Harness, report, run_case,
-                                  start_reward_harness)
+from tests.server.hostile import (REFERENCE_CONVERSATION, report, run_case)
 from tests.server.hostile_cases import generation_cases, reward_cases
 
 GENERATION_CASES = generation_cases()
 REWARD_CASES = reward_cases()
-
-
-@pytest.fixture(scope="module")
-def harness():
-    harness = Harness()
-    yield harness
-    harness.close()
-
-
-@pytest.fixture(scope="module")
-def reference(demo_llm) -> str:
-    params = SamplingParams(temperature=0, max_tokens=REFERENCE_TOKENS)
-    return demo_llm.generate([REFERENCE_PROMPT], params, use_tqdm=False)[0].outputs[0].text
-
-
-@pytest.fixture(scope="module")
-def reward_harness():
-    harness = start_reward_harness()
-    yield harness
-    harness.close()
 
 
 @pytest.fixture(scope="module")

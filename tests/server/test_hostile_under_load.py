@@ -23,12 +23,10 @@ import httpx
 import pytest
 import requests
 
-from nemolite.engine.sampling_params import SamplingParams
 from nemolite.kserve import encode_bytes
 
 from tests.server.conftest import MODEL_NAME, wait_until_idle
-from tests.server.hostile import (INFER, LONG, PROMPT, REFERENCE_PROMPT, REFERENCE_TOKENS, VOCAB, Harness,
-                                  answer_problems, binary_body, encode, health_problems, send, strict_json)
+from tests.server.hostile import (INFER, LONG, PROMPT, VOCAB, answer_problems, binary_body, encode, health_problems, send, strict_json)
 from tests.server.hostile_cases import generation_cases
 
 CLIENTS = 32
@@ -38,19 +36,6 @@ MAX_STREAMS_PER_CLIENT = 60
 HOSTILE_WORKERS = 8
 PROMPTS = ["def f():", "Return the square root of", "import os\n", "The list is empty when", "class A:\n    def",
            "numbers like 42 and", "# read a file\nwith open(", "x = [1, 2,"]
-
-
-@pytest.fixture(scope="module")
-def harness():
-    harness = Harness()
-    yield harness
-    harness.close()
-
-
-@pytest.fixture(scope="module")
-def reference(demo_llm) -> str:
-    params = SamplingParams(temperature=0, max_tokens=REFERENCE_TOKENS)
-    return demo_llm.generate([REFERENCE_PROMPT], params, use_tqdm=False)[0].outputs[0].text
 
 
 @pytest.fixture(autouse=True)

@@ -28,8 +28,7 @@ from nemolite.kserve import DATATYPES, FIXED_WIDTH, HEADER_LENGTH, encode_bytes
 
 from tests.server.conftest import MODEL_NAME, wait_until_idle
 from tests.server.hostile import (INFER, REFERENCE_CONVERSATION, REFERENCE_PROMPT, REFERENCE_TOKENS, REWARD_INFER,
-                                  VOCAB, Harness, Hostile, answer_problems, encode, health_problems, send,
-                                  start_reward_harness)
+                                  VOCAB, Harness, Hostile, answer_problems, encode, health_problems, send)
 
 EXAMPLES = 100
 REWARD_EXAMPLES = 30
@@ -443,20 +442,6 @@ def check_route(harness: Harness, route: str, cases, examples: int) -> None:
     answered = sum(count for status, count in statuses.items() if isinstance(status, int) and status < 300)
     assert answered >= 5, f"{route}: only {answered} 2xx answers ({dict(statuses)}): the bodies no longer reach " \
                           "the engine; fix the strategies"
-
-
-@pytest.fixture(scope="module")
-def harness():
-    harness = Harness()
-    yield harness
-    harness.close()
-
-
-@pytest.fixture(scope="module")
-def reward_harness():
-    harness = start_reward_harness()
-    yield harness
-    harness.close()
 
 
 @pytest.fixture(autouse=True)
