@@ -1,4 +1,5 @@
-"""NeMo checkpoints built in-process from a tiny HF model by the inverse mapping (REFERENCE §3)."""
+"""NeMo checkpoints built in-process from a tiny HF model by the inverse mapping (NVIDIA/NeMo
+``scripts/checkpoint_converters/convert_nemotron_nemo_to_hf.py``, run backwards)."""
 
 from __future__ import annotations
 
@@ -219,7 +220,7 @@ CONVERSATION = [{"role": "system", "content": "the model returns a value"},
 
 def test_nemo_reward_model_scores_like_its_head_on_the_final_hidden_state(hf_nemotron, tmp_path):
     """NeMo-Aligner's regression reward model: rm_head on the final-norm hidden state of the last token
-    (REFERENCE §1.5); the 340B checkpoint may also carry output_layer, which a reward model ignores."""
+    (NVIDIA/NeMo-Aligner ``nemo_aligner/models/nlp/gpt/megatron_gpt_regression_reward_model.py``); the 340B checkpoint may also carry output_layer, which a reward model ignores."""
     from transformers import NemotronForCausalLM, NemotronForSequenceClassification
 
     from nemolite.checkpoint.convert import convert
