@@ -250,7 +250,7 @@ class LLMEngine:
             elif seq.params.max_tokens == 0:  # the prompt ran only to be scored
                 seq.output.finish_reason = "length"
                 self.scheduler.finish(seq)
-            elif self._guard(seq, self._prepare_row, logits[row], seq):
+            elif not needs_processing(seq.params) or self._guard(seq, self._process_row, logits[row], seq):
                 rows.append(row)
         if rows:
             sampled = self._sample(logits, [samplers[row] for row in rows], rows)
@@ -258,9 +258,8 @@ class LLMEngine:
                 if self._guard(seq, self._append, seq, *result):
                     moved[seq.request_id] = self.requests[seq.request_id]
 
-    def _prepare_row(self, row: torch.Tensor, seq: Sequence) -> bool:
-        if needs_processing(seq.params):
-            apply_penalties(row, seq.params, seq.prompt_token_ids, seq.output.token_ids)
+    def _process_row(self, row: torch.Tensor, seq: Sequence) -> bool:
+        apply_penalties(row, seq.params, seq.prompt_token_ids, seq.output.token_ids)
         return True
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[tuple[Sequence, tuple]]:
