@@ -82,13 +82,15 @@ class AsyncLLM:
         self._thread.start()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    request_id: str | None = None, stream: bool = True) -> "RequestStream":
+                    request_id: str | None = None, stream: bool = True, validated: bool = False) -> "RequestStream":
         """Hand one request to the engine now (validated here, in the caller: bad input raises
-        NemoliteError) and return its stream of outputs. Call from a running event loop; a stream that
-        is dropped unfinished aborts its request."""
+        NemoliteError; ``validated`` when the caller has just run ``engine.validate_request`` itself) and
+        return its stream of outputs. Call from a running event loop; a stream that is dropped
+        unfinished aborts its request."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
-        self.engine.validate_request(prompt_token_ids, params)
+        if not validated:
+            self.engine.validate_request(prompt_token_ids, params)
         stream_ = _Stream(asyncio.get_running_loop(), params.n, final_only=not stream)
         with self._lock:
             request_id = f"async-{next(self._ids)}" if request_id is None else request_id

@@ -133,7 +133,8 @@ class ServerState:
         streams: list[RequestStream] = []
         try:
             for job in jobs:
-                streams.append(self.engine.add_request(job.prompt_token_ids, job.params, job.prompt, stream=stream))
+                streams.append(self.engine.add_request(job.prompt_token_ids, job.params, job.prompt, stream=stream,
+                                                       validated=True))
         except BaseException:
             for added in streams:
                 added.abort()
