@@ -26,9 +26,10 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_checkpoint(path: Path, dtype: str | torch.dtype = "auto", device: torch.device | None = None,
-                    tokenizer: str | Path | None = None, parallel=None):
+                    tokenizer: str | Path | None = None, parallel=None, quantization=None):
     """(CausalLM, Tokenizer) from an HF directory or a NeMo checkpoint (.nemo file, dir with model_config.yaml);
-    with ``parallel`` (a ParallelState) the model is this rank's shard."""
+    with ``parallel`` (a ParallelState) the model is this rank's shard; with ``quantization`` (a
+    nemolite.quant.QuantSpec) its linear layers are quantized (layers a loader already quantized stay)."""
     from nemolite.checkpoint.hf import load_hf_model
     from nemolite.checkpoint.nemo import is_nemo_checkpoint, load_nemo_model
     from nemolite.tokenizer import Tokenizer
@@ -38,11 +39,19 @@ def load_checkpoint(path: Path, dtype: str | torch.dtype = "auto", device: torch
         loaded = load_nemo_model(path, dtype=dtype, device=device, tokenizer=tokenizer, parallel=parallel)
         if loaded.tokenizer is None:
             raise NemoliteError(f"NeMo checkpoint {path} names no SentencePiece tokenizer; pass tokenizer=DIR")
-        return loaded.model, loaded.tokenizer
-    model = load_hf_model(path, dtype=dtype, device=device, parallel=parallel)
+        return _quantized(loaded.model, quantization), loaded.tokenizer
+    model = _quantized(load_hf_model(path, dtype=dtype, device=device, parallel=parallel), quantization)
     config = model.config
     return model, Tokenizer.from_pretrained(tokenizer or path, model_type=config.model_type,
                                             bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids)
+
+
+def _quantized(model, quantization):
+    if quantization is None:
+        return model
+    from nemolite.quant import quantize_model
+
+    return quantize_model(model, quantization)
 
 
 def default_device() -> torch.device:

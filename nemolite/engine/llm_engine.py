@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from nemolite.checkpoint import load_checkpoint, resolve_model_path
+from nemolite.quant.spec import parse_quantization
 from nemolite.engine.block_manager import BlockManager
 from nemolite.engine.kv_budget import num_kv_blocks
 from nemolite.engine.kv_cache import PagedKVCache
@@ -58,6 +59,7 @@ class EngineArgs:
     cpu_threads: int | None = None  # intra-op threads on the CPU (torch.set_num_threads); None: torch's choice
     cpu_prefill_threads: int | None = None  # for steps with PREFILL_STEP_TOKENS or more prompt tokens; None: the same
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    quantization: str | None = None  # weight-only at load: "int8", "int4", "int4-g128-asym"... (nemolite.quant.spec)
 
 
 class LLMEngine:
@@ -115,10 +117,11 @@ class LLMEngine:
         from nemolite.parallel.groups import init_parallel
 
         args = EngineArgs(**engine_args)
+        quantization = parse_quantization(args.quantization)  # a bad spelling fails before any loading
         path = resolve_model_path(model)
         device = torch.device(device) if device is not None else default_device()
         parallel = init_parallel(args.tensor_parallel_size, args.pipeline_parallel_size, device.type)
-        loaded, tokenizer_ = load_checkpoint(path, dtype, device, tokenizer, parallel)
+        loaded, tokenizer_ = load_checkpoint(path, dtype, device, tokenizer, parallel, quantization)
         engine = cls(loaded, tokenizer_, args, seed=seed)
         if parallel.distributed and not parallel.is_driver:
             engine.runner.follow()

@@ -480,6 +480,11 @@ def loaded() -> bool:
     return bool(_loaded)
 
 
+def has(op: str) -> bool:
+    """True when the extension (built for this CPU) has ``torch.ops.nemolite.<op>``."""
+    return load() and hasattr(torch.ops.nemolite, op)
+
+
 def enable() -> bool:
     """``load()``, and from then on batch-1 bf16 linears use the GEMV kernel; True when they do."""
     global _enabled
