@@ -67,13 +67,14 @@ class CompiledDecoder:
     def __init__(self, model: CausalLM):
         import torch._inductor.config as inductor_config
 
+        first = next(model.parameters())  # the embedding or a norm: the model's device and dtype
         inductor_config.freezing = True  # parameters become constants: weights prepacked once
-        inductor_config.cpp_wrapper = model.lm_head.weight.device.type == "cpu"
+        inductor_config.cpp_wrapper = first.device.type == "cpu"
         self.model = model
-        if model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype == torch.bfloat16:
+        if first.device.type == "cpu" and first.dtype == torch.bfloat16:
             cpu_kernels.enable()  # bf16 GEMV for batch-1 linears, attention straight from the paged cache
         # On CUDA the step is replayed as a CUDA graph (cudagraph trees): one launch instead of hundreds.
-        self.cuda_graphs = model.lm_head.weight.device.type == "cuda"
+        self.cuda_graphs = first.device.type == "cuda"
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
                                    mode="reduce-overhead" if self.cuda_graphs else None)
         self.static_caches: set[int] = set()
@@ -81,7 +82,7 @@ class CompiledDecoder:
         self.compile_seconds = 0.0
 
     def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches):
-        paged_kernel = input_ids.device.type == "cpu" and cpu_kernels.loaded()
+        paged_kernel = input_ids.device.type == "cpu" and cpu_kernels.has("decode_attention")
         attention = _GraphAttention(key_caches, value_caches, context_slots, context_mask, positions, paged_kernel)
         logits = self.model(input_ids[:, None], positions[:, None], cache=attention)[:, 0]
         return logits.float(), attention.new_keys, attention.new_values

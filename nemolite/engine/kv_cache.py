@@ -58,7 +58,7 @@ class PagedKVCache:
         self.device = torch.device(device)
         # Decode attention read in place from the cache (cpu_kernels), else gathered and matmul'd.
         self.paged_kernel = (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                             and cpu_kernels.load())
+                             and cpu_kernels.has("decode_attention"))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

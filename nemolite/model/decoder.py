@@ -90,8 +90,8 @@ class CausalLM(nn.Module):
         """CPU inference: every Linear's weight in oneDNN's blocked layout, the plain copy freed except
         a tied LM head's (the embedding reads it). Weights are read-only from then on. Returns how many
         were packed (0 off the CPU or without oneDNN)."""
-        tied = self.lm_head is not None and self.model.embed_tokens is not None and \
-            self.lm_head.weight is self.model.embed_tokens.weight
+        tied = self.model.embed_tokens is not None and \
+            getattr(self.lm_head, "weight", None) is self.model.embed_tokens.weight
         return sum(module.prepack(keep_weight=tied and module is self.lm_head)
                    for module in self.modules() if isinstance(module, Linear))
 

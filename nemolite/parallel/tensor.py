@@ -106,6 +106,12 @@ def shard_tensor(name: str, tensor: torch.Tensor, config: ModelConfig, state: Pa
     return F.pad(piece, (0, 0, 0, length - piece.shape[0])) if dim == 0 and piece.shape[0] < length else piece
 
 
+def _local_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """This rank's x W_shardᵀ: through the quantized shard when the layer was quantized (nemolite.quant)."""
+    quantized = getattr(module, "quantized", None)
+    return F.linear(x, module.weight) if quantized is None else quantized(x)
+
+
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_shard @ W_shard^T) + b``: the checkpoint's [out, in] split along ``in``."""
 
@@ -116,9 +122,10 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split_input:  # a NAS linear sublayer sees the whole hidden state
-            width = self.weight.shape[1]
+            quantized = getattr(self, "quantized", None)  # nemolite.quant.model.install; the weight is then empty
+            width = self.weight.shape[1] if quantized is None else quantized.in_features
             x = x[..., self.tp_rank * width:(self.tp_rank + 1) * width]
-        y = F.linear(x, self.weight)
+        y = _local_linear(self, x)
         dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias
 
@@ -147,7 +154,7 @@ class VocabParallelHead(nn.Module):
         self.weight, self.group, self.tp_size, self.vocab_size = weight, group, tp_size, vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight).contiguous()
+        local = _local_linear(self, hidden).contiguous()
         pieces = [torch.empty_like(local) for _ in range(self.tp_size)]
         dist.all_gather(pieces, local, group=self.group)
         return torch.cat(pieces, dim=-1)[..., :self.vocab_size]

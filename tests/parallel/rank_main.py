@@ -2,7 +2,7 @@
 log-probabilities of fixed prompts (a reward model: the rewards of fixed conversations), saved by rank 0
 to OUT.
 
-    torchrun --nproc-per-node N tests/parallel/rank_main.py MODEL TP PP OUT
+    torchrun --nproc-per-node N tests/parallel/rank_main.py MODEL TP PP OUT [QUANTIZATION]
 """
 
 import sys
@@ -16,8 +16,9 @@ PROMPTS = [[5, 17, 42, 7, 99, 3 + 1, 250, 18], [9, 9, 120, 33], list(range(30, 9
 
 def main() -> None:
     model, tp, pp, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    quantization = sys.argv[5] if len(sys.argv) > 5 else None
     llm = LLM(model, dtype="float32", device="cpu", kv_cache_gb=0.01, block_size=4, max_num_batched_tokens=16,
-              tensor_parallel_size=tp, pipeline_parallel_size=pp)  # small chunks: prefill spans several steps
+              tensor_parallel_size=tp, pipeline_parallel_size=pp, quantization=quantization)  # small chunks: prefill spans several steps
     if llm.config.is_reward_model:
         conversations = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "an answer"}]
                          for i in range(5)]

@@ -1,0 +1,416 @@
+// Quantized linear layers on the CPU: y = x W^T with W stored as int8 or int4 values plus scales
+// (the storage of nemolite/quant/linear.py).
+//
+// Decode (a few activation rows) is bound by reading the weight, so every weight byte is read once
+// for all rows, in one sequential pass: the activation rows are first quantized to int8 in blocks
+// of 32 (scale d = amax / 127, as llama.cpp's Q8_0 activations), then each block of 32 weights is
+// multiplied with integer dot products - AVX512-VNNI / AVX-VNNI `vpdpbusd` where the CPU has it,
+// AVX2 `vpmaddubsw` + `vpmaddwd` otherwise - and one float multiply-add per block applies
+// weight scale x activation scale. int4 values are unsigned (0..15), so they are the unsigned
+// operand as they are; int8 values go through the sign trick (|w| times x with w's sign) that
+// keeps every int16 partial sum below 2^15. An offset term (-8 s or the group's min, times the
+// block's activation sum) handles the int4 zero point.
+//
+// Each op also has a portable scalar path (`reference=True`, and the only path on CPUs without
+// AVX2): the same arithmetic one element at a time, the reference the SIMD path is tested against.
+// `dequantize` writes the float weight for the GEMM path (prefill, large batches).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define NEMOLITE_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;        // columns per block
+constexpr int64_t MAX_ROWS = 8;   // activation rows per pass over the weight
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Activation rows quantized to int8 blocks: q [M, K], d [M, K/32] (scale), s [M, K/32] (d * sum q).
+struct QuantizedRows {
+  int64_t M = 0, K = 0, KB = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  const int8_t* row_q(int64_t m) const { return q.data() + m * K; }
+  const float* row_d(int64_t m) const { return d.data() + m * KB; }
+  const float* row_s(int64_t m) const { return s.data() + m * KB; }
+};
+
+template <typename T>
+void quantize_block_scalar(const T* x, int8_t* q, float* d, float* s) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
+  const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < QK; ++i) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(to_float(x[i]) * inverse));
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *d = scale;
+  *s = scale * static_cast<float>(sum);
+}
+
+#ifdef NEMOLITE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4E));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xB1));
+  return _mm_cvtsi128_si32(r);
+}
+
+// The same block quantization, 8 lanes at a time (round to nearest even both ways).
+template <typename T>
+void quantize_block_avx2(const T* x, int8_t* q, float* d, float* s) {
+  __m256 v0 = load8(x), v1 = load8(x + 8), v2 = load8(x + 16), v3 = load8(x + 24);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                           _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_max_ss(r, _mm_movehdup_ps(r));
+  const float amax = _mm_cvtss_f32(r);
+  const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+  const __m256 mul = _mm256_set1_ps(inverse);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), kRound));
+  __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), kRound));
+  __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), kRound));
+  __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), kRound));
+  const int32_t sum = hsum(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+  // packs work per 128-bit lane: pack, then restore the element order with one permute
+  __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+  packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), packed);
+  *d = scale;
+  *s = scale * static_cast<float>(sum);
+}
+
+// Sum of u8 x s8 products of each group of four bytes: 8 int32 lanes (lane i = bytes 4i .. 4i + 3).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// 32 int4 values of one block, in column order: bytes 0..15 low nibbles, then high nibbles.
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+#endif  // NEMOLITE_AVX2
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K, bool reference) {
+  QuantizedRows rows;
+  rows.M = M; rows.K = K; rows.KB = K / QK;
+  rows.q.resize(M * K); rows.d.resize(M * rows.KB); rows.s.resize(M * rows.KB);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < rows.KB; ++b) {
+      const T* block = x + m * K + b * QK;
+      int8_t* q = rows.q.data() + m * K + b * QK;
+      float* d = rows.d.data() + m * rows.KB + b;
+      float* s = rows.s.data() + m * rows.KB + b;
+#ifdef NEMOLITE_AVX2
+      if (!reference) { quantize_block_avx2(block, q, d, s); continue; }
+#endif
+      quantize_block_scalar(block, q, d, s);
+    }
+  }
+  return rows;
+}
+
+inline int32_t dot_scalar(const uint8_t* nibbles, const int8_t* x, int64_t half_begin, int64_t count) {
+  // int4 block: column j < 16 is the low nibble of byte j, column j >= 16 the high nibble of byte j - 16
+  int32_t sum = 0;
+  for (int64_t j = half_begin; j < half_begin + count; ++j) {
+    const int32_t v = j < 16 ? (nibbles[j] & 0x0F) : (nibbles[j - 16] >> 4);
+    sum += v * x[j];
+  }
+  return sum;
+}
+
+// ---- int4: w = s (q - 8) without mins, w = s q + min with them ---------------------------------
+
+template <typename S, int R>
+void int4_row(const uint8_t* w, const S* scales, const S* mins, int64_t KB, int64_t group_blocks,
+              const QuantizedRows& x, int64_t m0, bool reference, float* out) {
+  float offset[R] = {};
+  float total[R] = {};
+#ifdef NEMOLITE_AVX2
+  if (!reference) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < KB; ++b) {
+      const float scale = to_float(scales[b / group_blocks]);
+      const float zero = mins ? to_float(mins[b / group_blocks]) : -8.f * scale;
+      const __m256i q = unpack_nibbles(w + b * (QK / 2));
+      for (int r = 0; r < R; ++r) {
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.row_q(m0 + r) + b * QK));
+        const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(q, xq));
+        acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale * x.row_d(m0 + r)[b]), acc[r]);
+        offset[r] += zero * x.row_s(m0 + r)[b];
+      }
+    }
+    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset[r];
+    return;
+  }
+#endif
+  for (int64_t b = 0; b < KB; ++b) {
+    const float scale = to_float(scales[b / group_blocks]);
+    const float zero = mins ? to_float(mins[b / group_blocks]) : -8.f * scale;
+    for (int r = 0; r < R; ++r) {
+      const int32_t dot = dot_scalar(w + b * (QK / 2), x.row_q(m0 + r) + b * QK, 0, QK);
+      total[r] += static_cast<float>(dot) * (scale * x.row_d(m0 + r)[b]);
+      offset[r] += zero * x.row_s(m0 + r)[b];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = total[r] + offset[r];
+}
+
+// ---- int8: w = s q, one scale per `group` columns (16, a multiple of 32, or the whole row) -----
+
+template <typename S, int R>
+void int8_row(const int8_t* w, const S* scales, int64_t K, int64_t group, const QuantizedRows& x,
+              int64_t m0, bool reference, float* out) {
+  const int64_t KB = K / QK;
+  const bool per_row = group == K;
+#ifdef NEMOLITE_AVX2
+  if (!reference) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    const float row_scale = to_float(scales[0]);
+    for (int64_t b = 0; b < KB; ++b) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK));
+      const __m256i magnitude = _mm256_sign_epi8(q, q);
+      __m256 scale;
+      if (per_row) {
+        scale = _mm256_set1_ps(1.f);
+      } else if (group == 16) {  // lanes 0-3 hold columns 0-15, lanes 4-7 columns 16-31
+        scale = _mm256_set_m128(_mm_set1_ps(to_float(scales[2 * b + 1])), _mm_set1_ps(to_float(scales[2 * b])));
+      } else {
+        scale = _mm256_set1_ps(to_float(scales[b * QK / group]));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.row_q(m0 + r) + b * QK));
+        const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(magnitude, _mm256_sign_epi8(xq, q)));
+        acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(x.row_d(m0 + r)[b])), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) out[r] = per_row ? hsum(acc[r]) * row_scale : hsum(acc[r]);
+    return;
+  }
+#endif
+  float total[R] = {};
+  const int64_t step = group < QK ? group : QK;
+  for (int64_t b = 0; b < KB; ++b) {
+    for (int64_t begin = 0; begin < QK; begin += step) {
+      const int64_t column = b * QK + begin;
+      const float scale = per_row ? 1.f : to_float(scales[column / group]);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xq = x.row_q(m0 + r) + column;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < step; ++j) dot += static_cast<int32_t>(w[column + j]) * xq[j];
+        total[r] += static_cast<float>(dot) * (scale * x.row_d(m0 + r)[b]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = per_row ? total[r] * to_float(scales[0]) : total[r];
+}
+
+// One weight row against R activation rows; R is a template argument so that accumulators stay in registers.
+template <typename S, int R>
+void weight_row(bool int4, const uint8_t* w, const S* scales, const S* mins, int64_t K, int64_t group,
+                const QuantizedRows& x, int64_t m0, bool reference, float* out) {
+  if (int4) {
+    int4_row<S, R>(w, scales, mins, K / QK, group / QK, x, m0, reference, out);
+  } else {
+    int8_row<S, R>(reinterpret_cast<const int8_t*>(w), scales, K, group, x, m0, reference, out);
+  }
+}
+
+template <typename S>
+void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* scales, const S* mins,
+                      int64_t N, int64_t K, int64_t group, const QuantizedRows& x, bool reference, float* Y) {
+  const int64_t groups = K / group;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    float out[MAX_ROWS];
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* w = W + n * row_bytes;
+      const S* s = scales + n * groups;
+      const S* z = mins ? mins + n * groups : nullptr;
+      for (int64_t m0 = 0; m0 < x.M; m0 += MAX_ROWS) {
+        const int64_t rows = std::min<int64_t>(MAX_ROWS, x.M - m0);
+        switch (rows) {
+          case 1: weight_row<S, 1>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 2: weight_row<S, 2>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 3: weight_row<S, 3>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 4: weight_row<S, 4>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 5: weight_row<S, 5>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 6: weight_row<S, 6>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 7: weight_row<S, 7>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          default: weight_row<S, 8>(int4, w, s, z, K, group, x, m0, reference, out); break;
+        }
+        for (int64_t r = 0; r < rows; ++r) Y[(m0 + r) * N + n] = out[r];
+      }
+    }
+  });
+}
+
+void check_layer(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                 const c10::optional<torch::Tensor>& mins, int64_t group, bool int4) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), "qweight must be a contiguous 2-D tensor");
+  const int64_t K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % QK == 0, "K must be a multiple of 32");
+  TORCH_CHECK(qweight.size(1) == (int4 ? K / 2 : K), "qweight does not match K");
+  TORCH_CHECK(group > 0 && K % group == 0, "group size must divide K");
+  TORCH_CHECK(int4 ? group % QK == 0 : (group == 16 || group % QK == 0), "unsupported group size");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / group && scales.is_contiguous(),
+              "scales must be [N, K / group]");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf, "scales must be fp32 or fp16");
+  if (mins) {
+    TORCH_CHECK(int4, "only int4 has mins");
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() && mins->is_contiguous(),
+                "mins must match scales");
+  }
+}
+
+torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                               c10::optional<torch::Tensor> mins, int64_t group, bool int4, bool reference) {
+  check_layer(x, qweight, scales, mins, group, int4);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const QuantizedRows rows = x.scalar_type() == torch::kFloat
+      ? quantize_rows(x.data_ptr<float>(), M, K, reference)
+      : quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, reference);
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  const uint8_t* W = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  const int64_t row_bytes = qweight.size(1);
+  if (scales.scalar_type() == torch::kHalf) {
+    quantized_matmul<c10::Half>(int4, W, row_bytes, scales.data_ptr<c10::Half>(),
+                                mins ? mins->data_ptr<c10::Half>() : nullptr, N, K, group, rows, reference,
+                                y.data_ptr<float>());
+  } else {
+    quantized_matmul<float>(int4, W, row_bytes, scales.data_ptr<float>(), mins ? mins->data_ptr<float>() : nullptr,
+                            N, K, group, rows, reference, y.data_ptr<float>());
+  }
+  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+}
+
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group_size,
+                          bool reference) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kChar, "int8 qweight must be int8");
+  return quantized_linear(x, qweight, scales, c10::nullopt, group_size, false, reference);
+}
+
+torch::Tensor linear_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                          c10::optional<torch::Tensor> mins, int64_t group_size, bool reference) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kByte, "int4 qweight must be uint8 (two values a byte)");
+  return quantized_linear(x, qweight, scales, mins, group_size, true, reference);
+}
+
+// ---- dequantize: the float weight [N, K] ------------------------------------------------------
+
+template <typename S, typename T>
+void dequantize_rows(bool int4, const uint8_t* W, int64_t row_bytes, const S* scales, const S* mins, int64_t N,
+                     int64_t K, int64_t group, T* out) {
+  const int64_t groups = K / group;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* w = W + n * row_bytes;
+      const S* s = scales + n * groups;
+      if (int4) {
+        const S* z = mins ? mins + n * groups : nullptr;
+        for (int64_t b = 0; b < K / QK; ++b) {
+          const float scale = to_float(s[b * QK / group]);
+          const float zero = z ? to_float(z[b * QK / group]) : -8.f * scale;
+          const uint8_t* nibbles = w + b * (QK / 2);
+          float* dst = row.data() + b * QK;
+          for (int64_t j = 0; j < QK / 2; ++j) {
+            dst[j] = static_cast<float>(nibbles[j] & 0x0F) * scale + zero;
+            dst[j + QK / 2] = static_cast<float>(nibbles[j] >> 4) * scale + zero;
+          }
+        }
+      } else {
+        const int8_t* q = reinterpret_cast<const int8_t*>(w);
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(q[k]) * to_float(s[k / group]);
+      }
+      T* dst = out + n * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<T>(row[k]);
+    }
+  });
+}
+
+torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                         int64_t group_size, bool int4, bool to_bf16) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && scales.is_contiguous(), "contiguous 2-D tensors only");
+  TORCH_CHECK(qweight.scalar_type() == (int4 ? torch::kByte : torch::kChar), "qweight dtype does not match");
+  const int64_t N = qweight.size(0), K = int4 ? qweight.size(1) * 2 : qweight.size(1);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0 && scales.size(0) == N && scales.size(1) == K / group_size,
+              "scales must be [N, K / group]");
+  TORCH_CHECK(!int4 || (K % QK == 0 && group_size % QK == 0), "int4 needs K and the group a multiple of 32");
+  TORCH_CHECK(!mins || (mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type()),
+              "mins must match scales");
+  auto out = torch::empty({N, K}, qweight.options().dtype(to_bf16 ? torch::kBFloat16 : torch::kFloat));
+  const uint8_t* W = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  auto run = [&](auto* typed_scales, auto* typed_mins) {
+    if (to_bf16) {
+      dequantize_rows(int4, W, qweight.size(1), typed_scales, typed_mins, N, K, group_size,
+                      out.data_ptr<c10::BFloat16>());
+    } else {
+      dequantize_rows(int4, W, qweight.size(1), typed_scales, typed_mins, N, K, group_size, out.data_ptr<float>());
+    }
+  };
+  if (scales.scalar_type() == torch::kHalf) {
+    run(scales.data_ptr<c10::Half>(), mins ? mins->data_ptr<c10::Half>() : static_cast<c10::Half*>(nullptr));
+  } else {
+    run(scales.data_ptr<float>(), mins ? mins->data_ptr<float>() : static_cast<float*>(nullptr));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nemolite, m) {
+  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales, int group_size, bool reference=False) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int group_size, bool reference=False) "
+        "-> Tensor");
+  m.def("dequantize(Tensor qweight, Tensor scales, Tensor? mins, int group_size, bool int4, bool to_bf16) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+  m.impl("dequantize", &dequantize);
+}
