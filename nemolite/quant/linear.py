@@ -41,6 +41,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # the kernels take whole blocks of 32 columns, and int8 groups of 16, of whole blocks or the row
+        self.kernel_layout = in_features % BLOCK == 0 and (
+            method == "int4" or group_size in (16, in_features) or group_size % BLOCK == 0)
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -83,7 +86,8 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] in ``dtype``, by the storage rule of the module docstring."""
-        if kernels.available("dequantize") and self.qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        if (self.kernel_layout and self.qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and kernels.available("dequantize")):
             return kernels.dequantize(self, dtype)
         return dequantize_reference(self).to(dtype)
 
@@ -101,7 +105,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if x.device.type == "cpu" and rows <= kernels.GEMV_MAX_ROWS and kernels.available(self.method):
+        if (x.device.type == "cpu" and rows <= kernels.GEMV_MAX_ROWS and self.kernel_layout
+                and kernels.available(self.method)):
             out = kernels.linear(self, x.reshape(rows, self.in_features))
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias.to(out.dtype)
