@@ -98,7 +98,8 @@ def run_nemolite(workload: Workload, path: Path, options: dict) -> dict:
     from nemolite import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(path, dtype=options["dtype"], device=options.get("device"), **options.get("engine", {}))
+    llm = LLM(path, dtype=options["dtype"], device=options.get("device"), quantization=options.get("quantization"),
+              **options.get("engine", {}))
     load_s = time.perf_counter() - started
     params = SamplingParams(temperature=0, max_tokens=workload.new_tokens, ignore_eos=True)
     batch = prompts(workload, llm.config.vocab_size)
@@ -124,7 +125,36 @@ def run_nemolite(workload: Workload, path: Path, options: dict) -> dict:
     decoder = engine.runner.decoder
     compile_s = decoder.compile_seconds if decoder is not None else 0.0
     return _result(workload, elapsed, first_token, token_times, load_s, warmup_s, engine.stats()) | {
-        "compile_s": compile_s}
+        "compile_s": compile_s, "weight_bytes": model_weight_bytes(llm.model)}
+
+
+def model_weight_bytes(model) -> int:
+    """Bytes of weights a decode step reads: every linear layer as stored (quantized values, scales and
+    mins, or float), norms; not the embedding table, of which one row is read."""
+    from nemolite.quant import QuantizedLinear
+
+    embedding = model.model.embed_tokens.weight if model.model.embed_tokens is not None else None
+    total = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    return total + sum(p.numel() * p.element_size() for p in model.parameters()
+                       if p is not embedding and p.numel())
+
+
+def gguf_weight_bytes(file: str) -> int:
+    """The same for a GGUF file: every tensor's bytes but the token embedding's."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(file).tensors if t.name != "token_embd.weight")
+
+
+def gguf_label(file: str) -> str:
+    """llama.cpp's name of the file's type (BF16, Q8_0, Q4_0, Q4_K_M...), from general.file_type."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(file).fields.get("general.file_type")
+    try:
+        return LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return Path(file).stem
 
 
 def run_prefix(workload: Workload, path: Path, options: dict) -> dict:
@@ -169,7 +199,7 @@ def run_llama_cpp(workload: Workload, path: Path, options: dict) -> dict:
     ttft, decode = run(workload.new_tokens)
     return {"tokens": workload.new_tokens, "seconds": ttft + decode, "tokens_per_s": workload.new_tokens / decode,
             "ttft_s": ttft, "itl_s": decode / workload.new_tokens, "steps_per_s": workload.new_tokens / decode,
-            "load_s": load_s, "peak_rss_gb": _peak_rss_gb()}
+            "load_s": load_s, "peak_rss_gb": _peak_rss_gb(), "weight_bytes": gguf_weight_bytes(options["gguf"])}
 
 
 def run_transformers(workload: Workload, path: Path, options: dict) -> dict:
@@ -224,12 +254,39 @@ BACKENDS = {"nemolite": run_nemolite, "transformers": run_transformers, "llama.c
 
 
 def run_in_subprocess(backend: str, workload: Workload, path: Path, options: dict) -> dict | None:
-    command = [sys.executable, "-m", "nemolite.bench", backend, workload.name, str(path), json.dumps(options)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    """One run in a fresh process. The llama.cpp backend runs under $NEMOLITE_LLAMA_CPP_PYTHON when set
+    (a venv with llama-cpp-python built for this CPU), with this nemolite on its path."""
+    python, env = sys.executable, None
+    if backend == "llama.cpp" and os.environ.get("NEMOLITE_LLAMA_CPP_PYTHON"):
+        python = os.environ["NEMOLITE_LLAMA_CPP_PYTHON"]
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    command = [python, "-m", "nemolite.bench", backend, workload.name, str(path), json.dumps(options)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f"{backend} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _variants(backends: list[str], options: dict, workload: Workload) -> list[tuple[str, str, dict]]:
+    """(label, backend, options) of every run: nemolite once per ``options["quantizations"]`` entry (or
+    the single ``quantization``), llama.cpp once per GGUF in ``options["gguf"]`` (batch 1 only)."""
+    runs = []
+    quantizations = options.get("quantizations") or [options.get("quantization")]
+    ggufs = options.get("gguf") or []
+    ggufs = [ggufs] if isinstance(ggufs, str) else list(ggufs)
+    for backend in backends:
+        if backend == "nemolite":
+            for quantization in quantizations:
+                label = "nemolite" + (f" {quantization}" if quantization else "")
+                runs.append((label, backend, {**options, "quantization": quantization}))
+        elif backend == "llama.cpp":
+            if workload.batch_size == 1:
+                runs.extend((f"llama.cpp {gguf_label(g)}", backend, {**options, "gguf": g}) for g in ggufs)
+        else:
+            runs.append((backend, backend, options))
+    return runs
 
 
 def bench(workload_names: list[str], path: Path | None, backends: list[str], options: dict) -> list[dict]:
@@ -250,22 +307,34 @@ def bench(workload_names: list[str], path: Path | None, backends: list[str], opt
                       f"(hit rate {result['engine']['prefix_cache_hit_rate']:.2f})")
                 rows.append({"workload": name, "backend": "nemolite", **result})
             continue
-        chosen = [b for b in backends if b != "llama.cpp" or (workload.batch_size == 1 and options.get("gguf"))]
-        results = {backend: run_in_subprocess(backend, workload, path, options) for backend in chosen}
-        for backend, result in results.items():
-            if result is None:
-                rows.append({"workload": name, "backend": backend, "error": True})
+        runs = _variants(backends, options, workload)
+        results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+        for _ in range(max(1, int(options.get("repeat", 1)))):  # interleaved: drift hits every backend alike
+            for label, backend, variant in runs:
+                result = run_in_subprocess(backend, workload, path, variant)
+                if result is not None:
+                    results[label].append(result)
+        medians = {}
+        for label, _, _ in runs:
+            if not results[label]:
+                rows.append({"workload": name, "backend": label, "error": True})
+                print(f"{label:>18}: failed")
                 continue
-            gbps = result["steps_per_s"] * read_per_step / 1e9
+            result = sorted(results[label], key=lambda r: r["tokens_per_s"])[len(results[label]) // 2]
+            medians[label] = result
+            gbps = result["steps_per_s"] * result.get("weight_bytes", read_per_step) / 1e9
             itl = f"{result['itl_s'] * 1e3:7.1f} ms" if result.get("itl_s") else "      -"
             compiled = f"  (compile {result['compile_s']:.0f} s, not timed)" if result.get("compile_s") else ""
-            print(f"{backend:>13}: {result['tokens_per_s']:8.1f} tok/s  {gbps:6.1f} GB/s  "
+            spread = (f"  [{min(r['tokens_per_s'] for r in results[label]):.1f}-"
+                      f"{max(r['tokens_per_s'] for r in results[label]):.1f}]") if len(results[label]) > 1 else ""
+            print(f"{label:>18}: {result['tokens_per_s']:8.1f} tok/s{spread}  {gbps:6.1f} GB/s of weights  "
                   f"TTFT {result['ttft_s'] * 1e3:7.1f} ms  ITL {itl}  peak RSS {result['peak_rss_gb']:.2f} GB{compiled}")
-            rows.append({"workload": name, "backend": backend, "gb_per_s": gbps, **result})
-        base = results.get("nemolite")
-        for backend, result in results.items():
-            if backend != "nemolite" and base and result:
-                print(f"{'':>13}  nemolite / {backend}: {base['tokens_per_s'] / result['tokens_per_s']:.2f} x")
+            rows.append({"workload": name, "backend": label, "gb_per_s": gbps, "runs": len(results[label]), **result})
+        ours = [label for label in medians if label.startswith("nemolite")]
+        for label in ours:
+            for other, result in medians.items():
+                if not other.startswith("nemolite"):
+                    print(f"{'':>18}  {label} / {other}: {medians[label]['tokens_per_s'] / result['tokens_per_s']:.2f} x")
     return rows
 
 

@@ -24,8 +24,7 @@ def quantizable_linears(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn
     for name, module in model.named_modules():
         if name == "score" or name.endswith(".score"):
             continue
-        is_head = name == "lm_head" or name.endswith(".lm_head")
-        if is_head and not spec.lm_head:
+        if is_head(name) and not spec.lm_head:
             continue
         if isinstance(module, (Linear, RowParallelLinear, VocabParallelHead)) and module.weight.numel():
             chosen.append((name, module))
@@ -33,11 +32,25 @@ def quantizable_linears(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn
 
 
 def quantize_module(module: nn.Module, spec: QuantSpec, weight: torch.Tensor | None = None) -> QuantizedLinear:
-    """The QuantizedLinear for one layer (its own weight unless ``weight`` is given)."""
+    """The QuantizedLinear for one layer (its own weight unless ``weight`` is given). The LM head is int8
+    per channel whatever the spec: its errors go straight into every logit, which is why llama.cpp's
+    4-bit files keep it at 6 bits (Q6_K) or more."""
     weight = module.weight if weight is None else weight
     bias = getattr(module, "bias", None)
     fused_bias = None if bias is None or not _bias_inside(module) else bias.detach()
+    if _is_head_module(module):
+        return quantize_weight(weight, "int8", None, True, fused_bias)
     return quantize_weight(weight, spec.method, spec.group_size, spec.symmetric, fused_bias)
+
+
+def is_head(name: str) -> bool:
+    return name == "lm_head" or name.endswith(".lm_head")
+
+
+def _is_head_module(module: nn.Module) -> bool:
+    from nemolite.parallel.tensor import VocabParallelHead
+
+    return isinstance(module, VocabParallelHead) or getattr(module, "is_lm_head", False)
 
 
 def _bias_inside(module: nn.Module) -> bool:

@@ -14,8 +14,8 @@ SPELLINGS = ("int8", "int8-head", "int4", "int4-g128", "int4-asym", "int4-g128-a
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """int8: one scale per output channel. int4: one scale (and with ``symmetric=False`` one zero
-    point) per ``group_size`` input columns of each row. ``lm_head``: quantize the LM head too
-    (reward heads always stay fp32)."""
+    point) per ``group_size`` input columns of each row. ``lm_head``: quantize the LM head too, to int8
+    per channel whatever the method (reward heads always stay fp32)."""
 
     method: str
     group_size: int | None = None  # int8: None (per channel); int4: 32, 64 or 128
