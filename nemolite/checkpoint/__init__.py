@@ -40,7 +40,7 @@ def load_checkpoint(path: Path, dtype: str | torch.dtype = "auto", device: torch
         if loaded.tokenizer is None:
             raise NemoliteError(f"NeMo checkpoint {path} names no SentencePiece tokenizer; pass tokenizer=DIR")
         return _quantized(loaded.model, quantization), loaded.tokenizer
-    model = _quantized(load_hf_model(path, dtype=dtype, device=device, parallel=parallel), quantization)
+    model = load_hf_model(path, dtype=dtype, device=device, parallel=parallel, quantization=quantization)
     config = model.config
     return model, Tokenizer.from_pretrained(tokenizer or path, model_type=config.model_type,
                                             bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids)
