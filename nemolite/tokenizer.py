@@ -55,6 +55,20 @@ class Tokenizer:
         tokenizer.pad_token = _token_text(settings.get("pad_token")) or backend.default_pad
         return tokenizer
 
+    @classmethod
+    def from_model_file(cls, file: str | Path, kind: str, *, model_type: str | None, bos_token_id: int | None,
+                        eos_token_ids: list[int], add_bos: bool | None, chat_template: str | None,
+                        pad_token: str | None = None) -> "Tokenizer":
+        """A tokenizer whose settings come from elsewhere (a GGUF file's metadata: see
+        nemolite.checkpoint.gguf_vocab): ``kind`` "sentencepiece" (a tokenizer.model) or "hf" (a
+        tokenizer.json). The backend reads the whole file now; it may be deleted afterwards."""
+        backend: _Backend = _SentencePieceBackend(Path(file)) if kind == "sentencepiece" else _HFBackend(Path(file))
+        chat_format = "nemotron" if chat_template is None and model_type == "nemotron" else None
+        tokenizer = cls(backend, bos_token_id=bos_token_id, eos_token_ids=list(eos_token_ids), add_bos_default=add_bos,
+                        chat_template=chat_template, chat_format=chat_format)
+        tokenizer.pad_token = pad_token or backend.default_pad
+        return tokenizer
+
     @property
     def vocab_size(self) -> int:
         return self.backend.vocab_size

@@ -19,22 +19,27 @@ def resolve_model_path(model: str | Path | None) -> Path:
     if not path.exists():
         raise NemoliteError(f"model {str(model)!r} is not a local path; nemolite loads checkpoints from disk "
                             "(download them first, e.g. with `huggingface-cli download`)")
-    if not path.is_dir() and path.suffix != ".nemo":
+    if not path.is_dir() and path.suffix not in (".nemo", ".gguf"):
         raise NemoliteError(f"model {str(model)!r} is a file; pass the checkpoint directory holding config.json "
-                            "(or a .nemo file)")
+                            "(or a .nemo or .gguf file)")
     return path
 
 
 def load_checkpoint(path: Path, dtype: str | torch.dtype = "auto", device: torch.device | None = None,
                     tokenizer: str | Path | None = None, parallel=None, quantization=None):
-    """(CausalLM, Tokenizer) from an HF directory or a NeMo checkpoint (.nemo file, dir with model_config.yaml);
+    """(CausalLM, Tokenizer) from an HF directory, a NeMo checkpoint (.nemo file, dir with model_config.yaml)
+    or a GGUF file (or a directory holding one; nemolite.checkpoint.gguf);
     with ``parallel`` (a ParallelState) the model is this rank's shard; with ``quantization`` (a
     nemolite.quant.QuantSpec) its linear layers are quantized (layers a loader already quantized stay)."""
+    from nemolite.checkpoint.gguf import gguf_file, load_gguf
     from nemolite.checkpoint.hf import load_hf_model
     from nemolite.checkpoint.nemo import is_nemo_checkpoint, load_nemo_model
     from nemolite.tokenizer import Tokenizer
 
     device = device if device is not None else default_device()
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return load_gguf(gguf, dtype, device, tokenizer, parallel, quantization)
     if is_nemo_checkpoint(path):
         loaded = load_nemo_model(path, dtype=dtype, device=device, tokenizer=tokenizer, parallel=parallel)
         if loaded.tokenizer is None:
@@ -59,11 +64,14 @@ def default_device() -> torch.device:
 
 
 def model_config(model: str | Path):
-    """The ModelConfig of an HF directory or a NeMo checkpoint, reading no weights."""
+    """The ModelConfig of an HF directory, a NeMo checkpoint or a GGUF file, reading no weights."""
+    from nemolite.checkpoint.gguf import GGUFCheckpoint, config_from_gguf, gguf_file
     from nemolite.checkpoint.nemo import NemoCheckpoint, is_nemo_checkpoint
     from nemolite.config import load_config
 
     path = resolve_model_path(model)
+    if gguf_file(path) is not None:
+        return config_from_gguf(GGUFCheckpoint(gguf_file(path)))
     if is_nemo_checkpoint(path):
         with NemoCheckpoint(path) as checkpoint:
             return checkpoint.config
