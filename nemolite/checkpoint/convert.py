@@ -4,12 +4,19 @@ Tensors stream from the source one at a time into shards of at most ``max_shard_
 stays at one shard plus one tensor. The output is written into a sibling ``DST.partial`` directory
 and renamed into place only when complete (with ``model.safetensors.index.json`` written last), so
 a crash or Ctrl-C never leaves a DST that looks finished; the next run starts the partial over.
+
+With ``quantization`` ("int8", "int4", "int4-g128", "int4-g128-asym", ...-head; nemolite.quant.spec)
+the linear layers ``LLM(SRC, quantization=...)`` would quantize are written quantized, one at a time as
+they stream, in the compressed-tensors ``pack-quantized`` format that vLLM and transformers load
+(nemolite.checkpoint.convert_quant says the layout and its sources); everything else is kept as is.
+Progress (nemolite.progress): a bar on a terminal, else one INFO line when the conversion ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,6 +26,10 @@ import torch
 
 from nemolite.checkpoint.hf import INDEX_FILE, checkpoint_entries, read_into, resolve_dtype
 from nemolite.errors import NemoliteError
+from nemolite.progress import Progress
+from nemolite.quant.spec import QuantSpec, parse_quantization
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -35,6 +46,7 @@ class TensorSource:
     num_tensors: int
     extra_files: list[Path]
     close: Callable[[], None] = lambda: None
+    total_bytes: int | None = None  # of all tensors, for the progress's rate and ETA (None: unknown)
 
 
 def nemo_source(path: Path) -> TensorSource:
@@ -44,7 +56,7 @@ def nemo_source(path: Path) -> TensorSource:
     checkpoint = NemoCheckpoint(path)
     tokenizer = [checkpoint.tokenizer_dir / "tokenizer.model"] if checkpoint.tokenizer_dir is not None else []
     return TensorSource(checkpoint.hf_config, checkpoint.hf_tensors, checkpoint.num_tensors, tokenizer,
-                        checkpoint.close)
+                        checkpoint.close, checkpoint.num_bytes)
 
 
 def hf_source(path: Path) -> TensorSource:
@@ -68,7 +80,8 @@ def hf_source(path: Path) -> TensorSource:
                 handle.close()
 
     extra = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
-    return TensorSource(json.loads(config_file.read_text()), tensors, len(entries), extra)
+    total = sum(entry.num_bytes for entry in entries.values())
+    return TensorSource(json.loads(config_file.read_text()), tensors, len(entries), extra, total_bytes=total)
 
 
 def open_source(path: str | Path) -> TensorSource:
@@ -86,9 +99,13 @@ def open_source(path: str | Path) -> TensorSource:
 
 
 def convert(source: str | Path, destination: str | Path, dtype: str | None = None,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write ``source`` as an HF checkpoint at ``destination``; returns the destination path."""
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool | None = None,
+            quantization: str | QuantSpec | None = None) -> Path:
+    """Write ``source`` as an HF checkpoint at ``destination`` (its linear layers quantized with
+    ``quantization``); returns the destination path. ``progress``: None draws a bar when stderr is a
+    terminal, True always, False never (an INFO log line at the end in every case)."""
     destination = Path(destination).expanduser()
+    spec = parse_quantization(quantization)
     if destination.exists() and any(destination.iterdir()) and not overwrite:
         raise NemoliteError(f"{destination} exists and is not empty; pass --overwrite or choose another path")
     target_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, config=None)  # None: keep
@@ -97,13 +114,19 @@ def convert(source: str | Path, destination: str | Path, dtype: str | None = Non
     src = open_source(source)
     partial = destination.with_name(destination.name + ".partial")
     try:
+        if "quantization_config" in src.hf_config and (spec is not None or target_dtype is not None):
+            raise NemoliteError(f"{source} is quantized already ({src.hf_config['quantization_config'].get('quant_method', '?')}); "
+                                "it can be resharded, but not cast or quantized again")
+        quantize = _Quantizer(src.hf_config, spec) if spec is not None else None
         if partial.exists():
             shutil.rmtree(partial)  # what an interrupted run left: started over
         partial.mkdir(parents=True)
-        weight_map, total_size = _write_shards(src, partial, target_dtype, max_shard_bytes, progress)
+        weight_map, total_size = _write_shards(src, partial, target_dtype, max_shard_bytes, progress, quantize)
         config = dict(src.hf_config)
         if target_dtype is not None:
             config["torch_dtype"] = str(target_dtype).removeprefix("torch.")
+        if quantize is not None:
+            config.update(quantize.config_changes())
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file in src.extra_files:
             shutil.copyfile(file, partial / file.name)
@@ -116,10 +139,49 @@ def convert(source: str | Path, destination: str | Path, dtype: str | None = Non
     return destination
 
 
+class _Quantizer:
+    """Which streamed tensors become quantized layers, and their compressed-tensors tensors."""
+
+    def __init__(self, hf_config: dict, spec: QuantSpec):
+        from nemolite.checkpoint.convert_quant import quantized_layers
+
+        self.spec = spec
+        self.names, self.ignore = quantized_layers(hf_config, spec)
+        # A tied LM head quantized too: the file gets its own quantized lm_head beside the float embedding.
+        self.untie = bool(hf_config.get("tie_word_embeddings")) and "lm_head.weight" in self.names
+        self.count = 0
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        from nemolite.checkpoint.convert_quant import layer_spec, quantize_for_file
+
+        out = []
+        if name in self.names or (self.untie and name == "model.embed_tokens.weight"):
+            if name == "model.embed_tokens.weight":
+                out.append((name, tensor))  # the embedding stays float
+                name = "lm_head.weight"
+            _, tensors = quantize_for_file(tensor, layer_spec(name, self.spec))
+            prefix = name.removesuffix(".weight")
+            out.extend((f"{prefix}.{suffix}", t.contiguous()) for suffix, t in tensors.items())
+            self.count += 1
+            return out
+        return [(name, tensor)]
+
+    def config_changes(self) -> dict:
+        from nemolite.checkpoint.convert_quant import quantization_config
+
+        if self.count != len(self.names):
+            raise NemoliteError(f"the checkpoint held {self.count} of the {len(self.names)} linear layers its "
+                                "config implies; nothing was written")
+        log.info("quantized %d linear layers to %s (compressed-tensors pack-quantized)", self.count, self.spec)
+        changes = {"quantization_config": quantization_config(self.spec, self.ignore)}
+        if self.untie:
+            changes["tie_word_embeddings"] = False
+        return changes
+
+
 def _write_shards(src: TensorSource, directory: Path, dtype: torch.dtype | None, max_shard_bytes: int,
-                  progress: bool) -> tuple[dict[str, str], int]:
+                  progress: bool | None, quantize: _Quantizer | None = None) -> tuple[dict[str, str], int]:
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     shards: list[list[str]] = []
     weight_map: dict[str, str] = {}
@@ -136,16 +198,21 @@ def _write_shards(src: TensorSource, directory: Path, dtype: torch.dtype | None,
                 weight_map[key] = name
             pending, pending_bytes = {}, 0
 
-    with tqdm(total=src.num_tensors, desc="converting", unit="tensor", disable=not progress) as bar:
+    stage = "converting" if quantize is None else f"converting ({quantize.spec})"
+    with Progress(stage, total=src.num_tensors, total_bytes=src.total_bytes, bar=progress) as bar:
         for name, tensor in src.tensors():
-            tensor = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
-            size = tensor.numel() * tensor.element_size()
-            if pending and pending_bytes + size > max_shard_bytes:
-                flush()
-            pending[name] = tensor
-            pending_bytes += size
-            total_bytes += size
-            bar.update(1)
+            read = tensor.numel() * tensor.element_size()
+            if dtype is not None and tensor.dtype.is_floating_point:
+                tensor = tensor.to(dtype)
+            for key, value in (quantize(name, tensor) if quantize is not None else [(name, tensor)]):
+                value = value.contiguous()
+                size = value.numel() * value.element_size()
+                if pending and pending_bytes + size > max_shard_bytes:
+                    flush()
+                pending[key] = value
+                pending_bytes += size
+                total_bytes += size
+            bar.update(1, read)
         flush()
     # Shards are numbered as they are written; HF's names also carry the total.
     total = len(shards)

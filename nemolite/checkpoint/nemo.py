@@ -12,6 +12,7 @@ copy). Pre-1.6 ``torch.save`` files (not zip) are loaded whole by ``torch.load``
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from nemolite.config import config_from_hf
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
 from nemolite.parallel.tensor import shard_tensor
+from nemolite.progress import Progress
 from nemolite.reward import reward_model_hf_config
 
 CONFIG_FILE = "model_config.yaml"
@@ -142,6 +144,12 @@ class NemoCheckpoint:
     def num_tensors(self) -> int:
         return sum(len(self._hf_names(name)) for name in self.state)
 
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the stored tensors ``hf_tensors`` reads (padded vocabulary rows included), for progress."""
+        return sum(math.prod(lazy.shape) * lazy.dtype.itemsize for name, lazy in self.state.items()
+                   if self._hf_names(name))
+
     def _hf_names(self, name: str) -> list[str]:
         if name in GLOBAL_NAMES:
             unused = self.config.tie_word_embeddings or self.config.is_reward_model  # a reward model has no LM head
@@ -229,8 +237,13 @@ def load_nemo_model(path: str | Path, dtype: str | torch.dtype = "auto", device:
         params = model.checkpoint_parameters()
         move_to_huge_pages(list(params.values()), copy=False)
         filled, unexpected = set(), []
-        with torch.no_grad():
+        whole_model = not model.parallel.distributed  # a rank reads only its own tensors: no totals, no bars
+        progress = Progress(f"loading {Path(path).name}", total=checkpoint.num_tensors if whole_model else None,
+                            total_bytes=checkpoint.num_bytes if whole_model else None,
+                            bar=None if whole_model else False)
+        with torch.no_grad(), progress:
             for name, tensor in checkpoint.hf_tensors(lambda hf_name: hf_name in params or hf_name not in expected):
+                progress.update(1, tensor.numel() * tensor.element_size())
                 if name not in expected:
                     unexpected.append(name)
                     continue
