@@ -1,4 +1,8 @@
-"""The ``nemolite`` command: generate, chat (serve, bench, convert... as they land)."""
+"""The ``nemolite`` command: generate, chat, serve, convert, plan, bench, sdg.
+
+Logging: nemolite's own messages (loading, serving, progress of long work: nemolite.progress) at
+INFO on stderr, other libraries' at WARNING; ``-v`` shows DEBUG, ``-q`` warnings and errors only.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,38 @@ from nemolite.errors import NemoliteError
 
 log = logging.getLogger("nemolite")
 
+QUANTIZATION_HELP = ("weight-only quantization of the linear layers: int8 (one scale per output channel), "
+                     "int4 (groups of 32 columns, symmetric), int4-g64 / int4-g128 (groups of 64 / 128), "
+                     "int4-asym / int4-g128-asym (with zero points); add -head to quantize the LM head too "
+                     "(e.g. int8-head); none (default): the checkpoint's weights as they are")
+
+
+def quantization_arg(text: str) -> str | None:
+    """argparse type of ``--quantization``: a spelling nemolite.quant.spec.parse_quantization accepts,
+    normalised (None for none); anything else is a usage error that lists the spellings."""
+    from nemolite.quant.spec import parse_quantization
+
+    try:
+        spec = parse_quantization(text)
+    except NemoliteError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return None if spec is None else str(spec)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nemolite")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        import nemolite
+
+        return nemolite.__version__
+
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    parser.add_argument("--quantization", type=quantization_arg, default=None, metavar="METHOD", help=QUANTIZATION_HELP)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--kv-cache-gb", type=float, default=None,
@@ -41,7 +74,8 @@ def engine_options(args) -> dict:
             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": not args.no_prefix_caching,
             "compile": args.compile, "tensor_parallel_size": args.tensor_parallel_size,
-            "pipeline_parallel_size": args.pipeline_parallel_size, "cpu_threads": args.threads}
+            "pipeline_parallel_size": args.pipeline_parallel_size, "cpu_threads": args.threads,
+            "quantization": args.quantization}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
@@ -59,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     from nemolite.engine.validation import RequestLimits
 
     parser = argparse.ArgumentParser(prog="nemolite", description="Run NVIDIA Nemotron models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument("--version", action="version", version=f"nemolite {package_version()}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="complete one prompt and print the completion",
@@ -115,13 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Convert SRC (a .nemo file, a NeMo checkpoint directory with "
                                               "model_config.yaml, or an HF directory) into DST: config.json, "
                                               "sharded safetensors with an index, tokenizer files. DST appears "
-                                              "only when complete.")
+                                              "only when complete. With --quantization the linear layers are "
+                                              "written quantized in the compressed-tensors pack-quantized format "
+                                              "(what vLLM, transformers and nemolite load).")
     convert.add_argument("source", metavar="SRC")
     convert.add_argument("destination", metavar="DST")
     convert.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                          help="cast the weights (default: keep the checkpoint's)")
     convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    convert.add_argument("--quantization", type=quantization_arg, default=None, metavar="METHOD",
+                         help=QUANTIZATION_HELP.replace("none (default): the checkpoint's weights as they are",
+                                                        "none (default): float weights"))
 
     plan = commands.add_parser("plan", help="how a model splits over GPUs, from its config alone",
                                description="For each tensor x pipeline layout of --gpus GPUs: weights and KV "
@@ -130,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, required=True)
     plan.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU, e.g. 80 or 141")
     plan.add_argument("--dtype", default="bfloat16", help="weights: bfloat16, float16, float32 or fp8")
+    plan.add_argument("--quantization", default=None, metavar="METHOD",
+                      help="size quantized weights instead: int8 (8 bits + a scale per row), int4 (4 bits + an "
+                           "fp16 scale per 128 columns: about 4.125 bits a weight; int4-g32 / -g64 for smaller "
+                           "groups, -asym adds zero points) or fp8 (8 bits, per-channel scales); the embedding, "
+                           "norms and the LM head stay --dtype (add -head to quantize the head too). The KV "
+                           "cache stays --kv-dtype.")
     plan.add_argument("--kv-dtype", default=None, help="KV cache (default: --dtype)")
     plan.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                       help="share of each GPU nemolite may use (default 0.9)")
@@ -175,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sdg.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     sdg.add_argument("--num-shards", type=int, default=1, help="split the top-level items over K jobs (Slurm array)")
     sdg.add_argument("--shard-id", type=int, default=0, help="this job's shard, 0..K-1")
+    sdg.add_argument("--quantization", type=quantization_arg, default=None, metavar="METHOD",
+                     help="without --endpoint: quantize the in-process generator; " + QUANTIZATION_HELP.split(": ", 1)[1])
     return parser
 
 
@@ -189,7 +239,7 @@ def _sampling_params(args):
 def _load(model, args):
     from nemolite.engine.llm import LLM
 
-    log.info("loading %s", model or "the bundled demo model")
+    log.info("loading %s%s", model or "the bundled demo model", f" ({args.quantization})" if args.quantization else "")
     return LLM(model, dtype=args.dtype, device=args.device, seed=args.seed, **engine_options(args))
 
 
@@ -249,7 +299,9 @@ def run_bench(args) -> int:
 
     from nemolite.bench import WORKLOADS, bench
 
-    options = {"dtype": args.dtype, "device": args.device, "engine": engine_options(args), "gguf": args.gguf}
+    engine = engine_options(args)
+    options = {"dtype": args.dtype, "device": args.device, "engine": engine, "gguf": args.gguf,
+               "quantization": engine.pop("quantization")}
     rows = bench(args.workload or list(WORKLOADS), Path(args.model) if args.model else None,
                  [b.strip() for b in args.backends.split(",") if b.strip()], options)
     if args.json:
@@ -273,7 +325,7 @@ def run_serve(args) -> int:
     if max_queue < 0:
         raise NemoliteError("--max-queue must be >= 0")
     logging.getLogger("nemolite.access").setLevel(logging.INFO)
-    log.warning("loading %s", path)
+    log.info("loading %s%s", path, f" ({args.quantization})" if args.quantization else "")
     max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if args.max_request_bytes is None else args.max_request_bytes
     if max_request_bytes < 1:
         raise NemoliteError("--max-request-bytes must be >= 1")
@@ -284,7 +336,7 @@ def run_serve(args) -> int:
     weights = _reward_weights(args.reward_weights, engine.config.reward_attributes)
     doors = ("reward model: POST /v1/reward, /v1/chat/completions, Triton reward_model"
              if engine.config.is_reward_model else "NeMo PUT /generate, OpenAI /v1, Triton /v2")
-    log.warning("serving %r on http://%s:%d (%s)", name, args.host, args.port, doors)
+    log.info("serving %r on http://%s:%d (%s)", name, args.host, args.port, doors)
     serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue, reward_weights=weights,
           max_request_bytes=max_request_bytes)
     return 0
@@ -329,7 +381,7 @@ def run_convert(args) -> int:
     from nemolite.checkpoint.convert import convert
 
     destination = convert(args.source, args.destination, dtype=args.dtype, max_shard_bytes=_size(args.max_shard_size),
-                          overwrite=args.overwrite, progress=sys.stderr.isatty())
+                          overwrite=args.overwrite, quantization=args.quantization)
     print(destination)
     return 0
 
@@ -339,8 +391,9 @@ def run_plan(args) -> int:
     from nemolite.plan import format_plan, plan
 
     config = model_config(args.model)
-    layouts = plan(config, args.gpus, args.gpu_memory, args.dtype, args.kv_dtype, args.gpu_memory_utilization)
-    print(format_plan(config, layouts, args.gpus, args.gpu_memory, args.dtype))
+    layouts = plan(config, args.gpus, args.gpu_memory, args.dtype, args.kv_dtype, args.gpu_memory_utilization,
+                   args.quantization)
+    print(format_plan(config, layouts, args.gpus, args.gpu_memory, args.dtype, args.quantization))
     return 0 if any(layout.fits for layout in layouts) else 1
 
 
@@ -349,7 +402,11 @@ def run_sdg(args) -> int:
 
     from nemolite.sdg import run_pipeline
 
+    if args.quantization and args.endpoint:
+        raise NemoliteError("--quantization is for the in-process model; the server at --endpoint runs its own "
+                            "(start it with `nemolite serve MODEL --quantization ...`)")
     summary = run_pipeline(args.pipeline, args.out, endpoint=args.endpoint, model=args.model,
+                           quantization=args.quantization,
                            api_key=args.api_key or os.environ.get("NEMOLITE_API_KEY") or None,
                            reward_endpoint=args.reward_endpoint, config=args.config, rows=args.rows, seed=args.seed,
                            concurrency=args.concurrency, num_shards=args.num_shards, shard_id=args.shard_id,
@@ -362,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # nemolite's own progress and status at INFO; other libraries (httpx, torch...) stay at WARNING.
+    level = log.level
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     handlers = {"generate": run_generate, "chat": run_chat, "serve": run_serve, "convert": run_convert,
                 "plan": run_plan, "bench": run_bench, "sdg": run_sdg}
     try:
@@ -371,3 +431,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        log.setLevel(level)  # main() called in-process (tests, scripts) leaves the logger as it was

@@ -31,12 +31,13 @@ async def arun_pipeline(pipeline: str, out: str | Path, *, endpoint: str | None 
                         model: str | None = None, reward_endpoint: str | None = None, llm=None, reward=None,
                         config: str | Path | Mapping | None = None, rows: int | None = None, seed: int = 0,
                         concurrency: int = 16, num_shards: int = 1, shard_id: int = 0,
-                        progress: bool = False) -> Summary:
+                        progress: bool = False, quantization: str | None = None) -> Summary:
     """Run ``pipeline`` into the JSONL file ``out`` (resuming it when it exists); its summary, also
     written to ``out``'s ``.summary.json``.
 
     Generation goes to ``llm`` (a backend object), else to the OpenAI-compatible ``endpoint``, else
-    to ``model`` (a checkpoint; default the demo model) in this process. Scores come from ``reward``,
+    to ``model`` (a checkpoint; default the demo model) in this process, its linear layers quantized
+    with ``quantization`` ("int8", "int4", ...: nemolite.quant.spec) when given. Scores come from ``reward``,
     else ``reward_endpoint``, else the config's ``reward_model``, else (for in-process generation
     only) the demo reward model when installed; with none, rows carry no reward."""
     if pipeline not in PIPELINES:
@@ -52,7 +53,10 @@ async def arun_pipeline(pipeline: str, out: str | Path, *, endpoint: str | None 
     owned = []  # backends made here are closed here
     try:
         if llm is None:
-            llm = OpenAIChat(endpoint, api_key, model) if endpoint else default_llm(model)
+            if endpoint:
+                llm = OpenAIChat(endpoint, api_key, model)
+            else:
+                llm = default_llm(model, quantization) if quantization else default_llm(model)
             owned.append(llm)
         if reward is None:
             if reward_endpoint:
@@ -99,12 +103,14 @@ def run_pipeline(pipeline: str, out: str | Path, **options) -> Summary:
     return asyncio.run(arun_pipeline(pipeline, out, **options))
 
 
-def default_llm(model: str | None = None) -> InProcessChat:
-    """In-process generation: ``model`` (a checkpoint) or the bundled demo model in float32."""
+def default_llm(model: str | None = None, quantization: str | None = None) -> InProcessChat:
+    """In-process generation: ``model`` (a checkpoint) or the bundled demo model in float32, quantized
+    with ``quantization`` when given (the name, and so the resume fingerprint, says so)."""
     from nemolite.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM(model, dtype="float32" if model is None else "auto")
-    return InProcessChat(engine, name=str(model) if model else "nemolite-demo")
+    engine = AsyncLLM(model, dtype="float32" if model is None else "auto", quantization=quantization)
+    name = str(model) if model else "nemolite-demo"
+    return InProcessChat(engine, name=f"{name} ({quantization})" if quantization else name)
 
 
 def in_process_reward(config: Mapping) -> InProcessReward | None:
