@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from nemolite.config import ModelConfig
+from nemolite.errors import NemoliteError
 from nemolite.model import cpu_kernels
 from nemolite.model.layers import causal_attention
 
@@ -35,6 +36,20 @@ class AttentionMetadata:
     decode_lengths: torch.Tensor | None = None  # [B_decode] positions before each decode token
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value: what a scaled K/V is clamped to (vLLM's fp8 KV cache does the same)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def kv_storage_dtype(name: str, compute: torch.dtype) -> torch.dtype:
+    """``--kv-cache-dtype``: "auto" stores the model's dtype; "fp8"/"fp8_e4m3" stores e4m3 (half of bf16's
+    bytes, so twice the blocks), each value divided by its layer's scale (the checkpoint's k_scale /
+    v_scale, else 1.0) on the way in and multiplied back on the way out."""
+    if name not in KV_CACHE_DTYPES:
+        raise NemoliteError(f"--kv-cache-dtype {name!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)}")
+    return compute if name == "auto" else FP8
+
+
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``cache[slots]`` ([*slots.shape, G, hd]) by ``index_select``, which copies whole rows: five times
     faster on the CPU than advanced indexing, which copies element by element."""
@@ -43,9 +58,17 @@ def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, storage_dtype: torch.dtype | None = None,
+                 scales: dict[int, tuple[float, float]] | None = None):
+        """``dtype``: what attention computes in; ``storage_dtype``: what the cache holds (default the
+        same; FP8 with per-layer (k_scale, v_scale) from ``scales``, 1.0 where absent)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.compute_dtype = dtype
+        self.fp8 = storage_dtype == FP8
+        self.scales = {i: (1.0, 1.0) for i in range(len(config.layers))} | dict(scales or {})
+        # FP8 is held as its bytes: the CPU has no index_copy for float8 types, bytes copy alike.
+        dtype = torch.uint8 if self.fp8 else dtype
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         # Left uninitialised: pages are touched (and count towards RSS) only when a block is first
@@ -58,7 +81,7 @@ class PagedKVCache:
         self.device = torch.device(device)
         # Decode attention read in place from the cache (cpu_kernels), else gathered and matmul'd.
         self.paged_kernel = (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                             and cpu_kernels.has("decode_attention"))
+                             and not self.fp8 and cpu_kernels.has("decode_attention"))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -83,6 +106,8 @@ class PagedKVCache:
         """q [1, H, N, hd], k/v [1, G, N, hd] for the step's N flattened tokens -> [1, H, N, hd]."""
         metadata = self.metadata
         keys, values = self.keys[layer_index], self.values[layer_index]
+        if self.fp8:
+            return self._attend_fp8(layer_index, q, k, v)
         keys.index_copy_(0, metadata.slot_mapping, k[0].transpose(0, 1))
         values.index_copy_(0, metadata.slot_mapping, v[0].transpose(0, 1))
         decode = metadata.num_decode_tokens
@@ -107,6 +132,40 @@ class PagedKVCache:
             queries = q[:, :, segment.start:segment.start + segment.length]
             parts.append(causal_attention(queries, context_keys, context_values)[0])
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
+
+    def _attend_fp8(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``attend`` over an e4m3 cache: new K/V scaled, clamped and stored as bytes; the context gathered
+        as bytes and widened back (the step's own K/V too, so that every position is read as stored)."""
+        metadata = self.metadata
+        k_scale, v_scale = self.scales[layer_index]
+        keys, values = self.keys[layer_index], self.values[layer_index]
+        self.store_fp8(keys, metadata.slot_mapping, k[0].transpose(0, 1), k_scale)
+        self.store_fp8(values, metadata.slot_mapping, v[0].transpose(0, 1), v_scale)
+        read = self.read_fp8
+        decode = metadata.num_decode_tokens
+        parts = []
+        if decode:
+            context_keys = read(keys, metadata.decode_context_slots, k_scale).transpose(1, 2)
+            context_values = read(values, metadata.decode_context_slots, v_scale).transpose(1, 2)
+            queries = q[0, :, :decode].transpose(0, 1).unsqueeze(2)
+            out = causal_attention(queries, context_keys, context_values, mask=metadata.decode_mask)
+            parts.append(out.squeeze(2).transpose(0, 1))
+        for segment in metadata.prefill_segments:
+            context_keys = read(keys, segment.context_slots, k_scale).transpose(0, 1).unsqueeze(0)
+            context_values = read(values, segment.context_slots, v_scale).transpose(0, 1).unsqueeze(0)
+            queries = q[:, :, segment.start:segment.start + segment.length]
+            parts.append(causal_attention(queries, context_keys, context_values)[0])
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
+
+    @staticmethod
+    def store_fp8(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, scale: float) -> None:
+        """new [N, G, hd] / scale, clamped to e4m3's range, into the byte cache at ``slots``."""
+        stored = (new.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        cache.index_copy_(0, slots, stored.view(torch.uint8))
+
+    def read_fp8(self, cache: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+        """cache[slots] widened: e4m3 × scale in the compute dtype."""
+        return (gather_slots(cache, slots).view(FP8).to(torch.float32) * scale).to(self.compute_dtype)
 
     def advance(self, num_tokens: int) -> None:
         """Positions are managed by the engine, not the cache."""

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from nemolite.checkpoint import load_checkpoint, resolve_model_path
-from nemolite.quant.spec import parse_quantization
 from nemolite.engine.block_manager import BlockManager
 from nemolite.engine.kv_budget import num_kv_blocks
-from nemolite.engine.kv_cache import PagedKVCache
+from nemolite.engine.kv_cache import PagedKVCache, kv_storage_dtype
 from nemolite.engine.output_processor import OutputProcessor
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.request import Request
@@ -35,6 +34,7 @@ from nemolite.engine.sequence import Sequence
 from nemolite.engine.validation import RequestLimits, validate_request
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
+from nemolite.quant.spec import parse_quantization
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class EngineArgs:
     cpu_prefill_threads: int | None = None  # for steps with PREFILL_STEP_TOKENS or more prompt tokens; None: the same
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     quantization: str | None = None  # weight-only at load: "int8", "int4", "int4-g128-asym"... (nemolite.quant.spec)
+    kv_cache_dtype: str = "auto"  # "fp8": e4m3 K/V with the checkpoint's k/v scales (1.0 when absent), 2x the blocks
 
 
 class LLMEngine:
@@ -80,14 +81,18 @@ class LLMEngine:
         if self.device.type == "cpu" and not args.compile:  # compiling prepacks weights its own way (freezing)
             model.prepack_linears()
         parallel = model.parallel
+        kv_dtype = kv_storage_dtype(args.kv_cache_dtype, self.dtype)
+        if kv_dtype != self.dtype and args.compile:
+            raise NemoliteError("--kv-cache-dtype fp8 runs the eager decode step; drop --compile")
         num_blocks = num_kv_blocks(model.local_config, self.config.max_position_embeddings, args.block_size,
-                                   args.max_num_seqs, self.dtype, self.device, args.kv_cache_gb,
+                                   args.max_num_seqs, kv_dtype, self.device, args.kv_cache_gb,
                                    args.kv_cache_fraction)
         if parallel.distributed:  # every rank holds the same block ids: the smallest budget rules
             count = torch.tensor([num_blocks], device=self.device)
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
             num_blocks = int(count.item())
-        self.cache = PagedKVCache(model.local_config, num_blocks, args.block_size, self.dtype, self.device)
+        self.cache = PagedKVCache(model.local_config, num_blocks, args.block_size, self.dtype, self.device,
+                                  kv_dtype, getattr(model, "kv_cache_scales", None))
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         if parallel.distributed:
