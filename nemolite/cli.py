@@ -32,6 +32,11 @@ def quantization_arg(text: str) -> str | None:
     return None if spec is None else str(spec)
 
 
+def quantization_list(text: str) -> list[str | None]:
+    """argparse type of ``bench --quantizations``: comma-separated spellings, "none" for the float model."""
+    return [quantization_arg(part.strip()) for part in text.split(",") if part.strip()]
+
+
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -52,6 +57,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="KV cache size (default: room for --max-num-seqs full contexts, at most 25%% of free memory and 2 GB on CPU)")
     engine.add_argument("--kv-cache-fraction", type=float, default=None,
                         help="KV cache size as a fraction of the device's free memory (instead of --kv-cache-gb)")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                        help="auto: the model's dtype; fp8: e4m3 with the checkpoint's k/v scales (1.0 when absent), "
+                             "twice the blocks in the same memory")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     engine.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -71,6 +79,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args) -> dict:
     return {"kv_cache_gb": args.kv_cache_gb, "kv_cache_fraction": args.kv_cache_fraction,
+            "kv_cache_dtype": args.kv_cache_dtype,
             "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": not args.no_prefix_caching,
             "compile": args.compile, "tensor_parallel_size": args.tensor_parallel_size,
@@ -194,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="checkpoint directory (default: the benchmark checkpoint)")
     bench.add_argument("--backends", default="nemolite,transformers,llama.cpp",
                        help="comma-separated: nemolite, transformers, llama.cpp (needs llama-cpp-python and --gguf)")
-    bench.add_argument("--gguf", default=None, help="GGUF of the same checkpoint, for the llama.cpp backend")
+    bench.add_argument("--gguf", action="append", default=None,
+                       help="GGUF of the same checkpoint for the llama.cpp backend (repeatable: BF16, Q8_0, Q4_0 ...; "
+                            "run under $NEMOLITE_LLAMA_CPP_PYTHON when set)")
+    bench.add_argument("--quantizations", type=quantization_list, default=None, metavar="LIST",
+                       help="comma-separated, one nemolite run each, e.g. none,int8,int4-head (instead of --quantization)")
+    bench.add_argument("--repeat", type=int, default=1,
+                       help="run every backend this many times, interleaved, and report the median (default 1)")
     bench.add_argument("--json", default=None, help="also write the results to this file")
     _add_model_options(bench)
     bench.set_defaults(dtype="bfloat16", compile=True)
@@ -300,8 +315,8 @@ def run_bench(args) -> int:
     from nemolite.bench import WORKLOADS, bench
 
     engine = engine_options(args)
-    options = {"dtype": args.dtype, "device": args.device, "engine": engine, "gguf": args.gguf,
-               "quantization": engine.pop("quantization")}
+    options = {"dtype": args.dtype, "device": args.device, "engine": engine, "gguf": args.gguf or [],
+               "quantization": engine.pop("quantization"), "quantizations": args.quantizations, "repeat": args.repeat}
     rows = bench(args.workload or list(WORKLOADS), Path(args.model) if args.model else None,
                  [b.strip() for b in args.backends.split(",") if b.strip()], options)
     if args.json:
