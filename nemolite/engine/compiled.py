@@ -75,6 +75,7 @@ class CompiledDecoder:
             cpu_kernels.enable()  # bf16 GEMV for batch-1 linears, attention straight from the paged cache
         # On CUDA the step is replayed as a CUDA graph (cudagraph trees): one launch instead of hundreds.
         self.cuda_graphs = first.device.type == "cuda"
+        self.paged_kernel = cpu_kernels.has("decode_attention")  # decided here: a constant of the traced step
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
                                    mode="reduce-overhead" if self.cuda_graphs else None)
         self.static_caches: set[int] = set()
@@ -82,7 +83,7 @@ class CompiledDecoder:
         self.compile_seconds = 0.0
 
     def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches):
-        paged_kernel = input_ids.device.type == "cpu" and cpu_kernels.has("decode_attention")
+        paged_kernel = input_ids.device.type == "cpu" and self.paged_kernel
         attention = _GraphAttention(key_caches, value_caches, context_slots, context_mask, positions, paged_kernel)
         logits = self.model(input_ids[:, None], positions[:, None], cache=attention)[:, 0]
         return logits.float(), attention.new_keys, attention.new_values

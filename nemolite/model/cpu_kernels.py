@@ -92,7 +92,7 @@ def loaded() -> bool:
 
 def has(op: str) -> bool:
     """True when the extension (built for this CPU) has ``torch.ops.nemolite.<op>``."""
-    return load() and hasattr(torch.ops.nemolite, op)
+    return (_loaded if _loaded is not None else load()) and hasattr(torch.ops.nemolite, op)  # no lock once loaded
 
 
 def enable() -> bool:

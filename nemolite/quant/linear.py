@@ -42,8 +42,11 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("mins", mins)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         # the kernels take whole blocks of 32 columns, and int8 groups of 16, of whole blocks or the row
-        self.kernel_layout = in_features % BLOCK == 0 and (
+        kernel_layout = in_features % BLOCK == 0 and (
             method == "int4" or group_size in (16, in_features) or group_size % BLOCK == 0)
+        # decided once here (building the extension the first time), not per call: compiled graphs see a constant
+        self.cpu_kernel = kernel_layout and kernels.available(method)
+        self.cpu_dequantize = kernel_layout and kernels.available("dequantize")
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -86,8 +89,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] in ``dtype``, by the storage rule of the module docstring."""
-        if (self.kernel_layout and self.qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                and kernels.available("dequantize")):
+        if self.cpu_dequantize and self.qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             return kernels.dequantize(self, dtype)
         return dequantize_reference(self).to(dtype)
 
@@ -105,8 +107,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        if (x.device.type == "cpu" and rows <= kernels.GEMV_MAX_ROWS and self.kernel_layout
-                and kernels.available(self.method)):
+        if self.cpu_kernel and x.device.type == "cpu" and rows <= kernels.GEMV_MAX_ROWS:
             out = kernels.linear(self, x.reshape(rows, self.in_features))
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias.to(out.dtype)
