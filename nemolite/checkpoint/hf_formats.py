@@ -30,6 +30,7 @@ Sources of each rule (the producers' own code):
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -60,6 +61,27 @@ class Int8:
 @dataclasses.dataclass
 class Float:
     weight: torch.Tensor
+
+
+@dataclasses.dataclass
+class PreScaled:
+    inner: Int4 | Int8 | Float
+    scale: torch.Tensor  # [K]: the layer computes W (x ⊙ scale)
+
+
+class PreScaledLinear(QuantizedLinear):
+    """y = W (x ⊙ pre_quant_scale): ModelOpt's AWQ export keeps the AWQ input scale of a layer whose input
+    comes from no norm it could fold it into (o_proj, down_proj; in Nemotron also up_proj). ``dequantize``
+    is the stored W, as for every QuantizedLinear; the scale applies to the input."""
+
+    @classmethod
+    def of(cls, layer: QuantizedLinear, scale: torch.Tensor) -> "PreScaledLinear":
+        layer.__class__ = cls
+        layer.register_buffer("pre_quant_scale", scale.float().contiguous())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.pre_quant_scale.to(x.dtype))
 
 
 @dataclasses.dataclass
@@ -113,11 +135,22 @@ class Format:
             read_into(entry, tensors[suffix], files.handle(entry.file))
         decoded = self.decode(layer, tensors)
         n, k = layer.shape
-        for t in (getattr(decoded, "values", None), getattr(decoded, "weight", None)):
+        inner = getattr(decoded, "inner", decoded)
+        for t in (getattr(inner, "values", None), getattr(inner, "weight", None)):
             if t is not None and tuple(t.shape) != (n, k):
                 raise NemoliteError(f"{self.path}: {layer.prefix} decodes to {list(t.shape)}, not [{n}, {k}]")
+        pre_scale = None
+        if isinstance(decoded, PreScaled):
+            decoded, pre_scale = decoded.inner, decoded.scale
         if part is not None:
+            if pre_scale is not None and part[0] == 1:
+                pre_scale = pre_scale[part[1]:part[1] + part[2]].contiguous()
             decoded = slice_decoded(decoded, *part, layer.prefix)
+        layer_out = self.build(decoded, bias)
+        return layer_out if pre_scale is None else PreScaledLinear.of(layer_out, pre_scale)
+
+    @staticmethod
+    def build(decoded, bias):
         if isinstance(decoded, Float):
             return quantize_weight(decoded.weight, "int8", bias=bias)
         if isinstance(decoded, Int8):
@@ -144,12 +177,14 @@ def slice_decoded(decoded, dim: int, start: int, length: int, prefix: str):
     for name, t in fields.items():
         if t is None or t.shape[1] == k:
             out[name] = None if t is None else t[:, start:start + length].contiguous()
-        else:  # per-group tensors: the shard must cut at group boundaries
+        else:  # per-group tensors: a shard cutting through groups keeps its part of each (same scale)
             group = k // t.shape[1]
-            if start % group or length % group:
+            part = math.gcd(group, start, length)
+            if part < group and (part % 32 or not isinstance(decoded, Int4)) and not isinstance(decoded, Int8):
                 raise NemoliteError(f"{prefix}: quantization groups of {group} columns do not split at this "
                                     f"tensor-parallel rank's columns [{start}, {start + length}); use another --tensor-parallel-size")
-            out[name] = t[:, start // group:(start + length) // group].contiguous()
+            t = t.repeat_interleave(group // part, 1) if part < group else t
+            out[name] = t[:, start // part:(start + length) // part].contiguous()
     return type(decoded)(**out)
 
 
@@ -308,7 +343,7 @@ class ModelOpt(Format):
         self.algo = str(quant.get("quant_algo") or "").upper()
         if self.algo == "FP8":
             self.suffixes = ("weight", "weight_scale")
-        elif self.algo == "INT4_AWQ":
+        elif self.algo in ("INT4_AWQ", "W4A16_AWQ"):  # ModelOpt 0.47 writes W4A16_AWQ
             self.suffixes = ("weight", "weight_scale", "pre_quant_scale")
             self.group = int(quant.get("group_size") or quant.get("awq_block_size") or 128)
         else:
@@ -325,9 +360,6 @@ class ModelOpt(Format):
         n, k = layer.shape
         if self.algo == "FP8":
             return Float(t["weight"].float() * expand_scale(t["weight_scale"], n, k))
-        if "pre_quant_scale" in t:
-            raise self.fail(f"INT4_AWQ with a separate pre_quant_scale on {layer.prefix} (the export folds it "
-                            "into the preceding norm where it can)")
         packed = t["weight"].view(torch.uint8).to(torch.int32)
         low, high = packed & 0xF, packed >> 4
         if packed.shape[0] * 2 == n:  # [N/2, K]: rows 2i (low nibble) and 2i + 1 (high)
@@ -335,7 +367,10 @@ class ModelOpt(Format):
         else:  # [N, K/2]: columns 2j and 2j + 1
             values = torch.stack((low, high), dim=2).reshape(n, k)
         values = (values ^ 8)  # two's complement nibble −8..7 → q + 8 in 0..15
-        return grouped(values, t["weight_scale"].float().reshape(n, -1), None, None, 4)
+        decoded = grouped(values, t["weight_scale"].float().reshape(n, -1), None, None, 4)
+        if "pre_quant_scale" in t:  # AWQ's per-input-column scale the export could not fold into a norm
+            decoded = PreScaled(decoded, t["pre_quant_scale"].float().reshape(k))
+        return decoded
 
 
 # -- vLLM fp8 -------------------------------------------------------------------------------------------------
@@ -374,7 +409,7 @@ class Gptq(Format):
 
     def shape(self, prefix, own):
         q = own["qweight"]
-        return q.shape[0] * 32 // self.bits, q.shape[1]
+        return q.shape[1], q.shape[0] * 32 // self.bits
 
     def decode(self, layer, t):
         n, k = layer.shape

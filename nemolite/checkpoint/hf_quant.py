@@ -24,7 +24,7 @@ from pathlib import Path
 from nemolite.errors import NemoliteError
 
 SUPPORTED = ("compressed-tensors (float-quantized FP8, pack-quantized W4A16/W4A16_ASYM, int-quantized/"
-             "naive-quantized int8)", "modelopt (FP8, FP8 per channel, INT4_AWQ)",
+             "naive-quantized int8)", "modelopt (FP8, FP8 per channel, INT4_AWQ/W4A16_AWQ)",
              "fp8 (vLLM: per tensor, or block-wise weight_scale_inv)", "gptq (4 or 8 bits, sym/asym, act-order)",
              "awq (GEMM, 4 bits)")
 HF_QUANT_CONFIG = "hf_quant_config.json"
