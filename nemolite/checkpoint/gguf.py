@@ -42,6 +42,7 @@ GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.w
 def gguf_file(path: Path) -> Path | None:
     """The GGUF file ``path`` names: a .gguf file, or the one .gguf file of a directory without an HF
     config.json or a NeMo model_config.yaml; None when ``path`` is not a GGUF checkpoint."""
+    path = Path(path)
     if path.is_file():
         return path if path.suffix == ".gguf" else None
     if not path.is_dir() or (path / "config.json").exists() or (path / "model_config.yaml").exists():
