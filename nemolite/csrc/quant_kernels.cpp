@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -37,14 +38,22 @@ inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
-// Activation rows quantized to int8 blocks: q [M, K], d [M, K/32] (scale), s [M, K/32] (d * sum q).
+// Activation rows quantized to int8 blocks, block-major so that the rows of one block sit together:
+// q [K/32, M, 32], d [K/32, M] (scale), s [K/32, M] (d * sum q), and gs [groups, M]: s summed over
+// each weight group (the int4 zero point's term is one multiply-add per group and row).
 struct QuantizedRows {
   int64_t M = 0, K = 0, KB = 0;
   std::vector<int8_t> q;
-  std::vector<float> d, s;
-  const int8_t* row_q(int64_t m) const { return q.data() + m * K; }
-  const float* row_d(int64_t m) const { return d.data() + m * KB; }
-  const float* row_s(int64_t m) const { return s.data() + m * KB; }
+  std::vector<float> d, s, gs;
+  const int8_t* block_q(int64_t b, int64_t m) const { return q.data() + (b * M + m) * QK; }
+  float block_d(int64_t b, int64_t m) const { return d[b * M + m]; }
+  float block_s(int64_t b, int64_t m) const { return s[b * M + m]; }
+  void sum_groups(int64_t group_blocks) {
+    const int64_t groups = KB / group_blocks;
+    gs.assign(groups * M, 0.f);
+    for (int64_t b = 0; b < KB; ++b)
+      for (int64_t m = 0; m < M; ++m) gs[(b / group_blocks) * M + m] += s[b * M + m];
+  }
 };
 
 template <typename T>
@@ -137,9 +146,9 @@ QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K, bool reference) {
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < rows.KB; ++b) {
       const T* block = x + m * K + b * QK;
-      int8_t* q = rows.q.data() + m * K + b * QK;
-      float* d = rows.d.data() + m * rows.KB + b;
-      float* s = rows.s.data() + m * rows.KB + b;
+      int8_t* q = rows.q.data() + (b * M + m) * QK;
+      float* d = rows.d.data() + b * M + m;
+      float* s = rows.s.data() + b * M + m;
 #ifdef NEMOLITE_AVX2
       if (!reference) { quantize_block_avx2(block, q, d, s); continue; }
 #endif
@@ -159,56 +168,88 @@ inline int32_t dot_scalar(const uint8_t* nibbles, const int8_t* x, int64_t half_
   return sum;
 }
 
-// ---- int4: w = s (q - 8) without mins, w = s q + min with them ---------------------------------
+// Scales of one weight row as floats (F16C converts eight fp16 at a time), once per row.
+template <typename S>
+inline void row_scales(const S* in, int64_t count, float* out) {
+  int64_t i = 0;
+#ifdef NEMOLITE_AVX2
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    for (; i + 8 <= count; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+#endif
+  for (; i < count; ++i) out[i] = to_float(in[i]);
+}
 
-template <typename S, int R>
-void int4_row(const uint8_t* w, const S* scales, const S* mins, int64_t KB, int64_t group_blocks,
+// ---- int4: w = s (q - 8) without mins, w = s q + min with them ---------------------------------
+// sf / zf: the row's scales and zero terms (-8 s, or the min) as floats, one per group.
+
+template <int R>
+void int4_row(const uint8_t* w, const float* sf, const float* zf, int64_t KB, int64_t group_blocks,
               const QuantizedRows& x, int64_t m0, bool reference, float* out) {
-  float offset[R] = {};
   float total[R] = {};
 #ifdef NEMOLITE_AVX2
   if (!reference) {
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < KB; ++b) {
-      const float scale = to_float(scales[b / group_blocks]);
-      const float zero = mins ? to_float(mins[b / group_blocks]) : -8.f * scale;
-      const __m256i q = unpack_nibbles(w + b * (QK / 2));
+    __m256 acc[R], odd[R];  // two chains per row: a block's FMA need not wait for the previous block's
+    for (int r = 0; r < R; ++r) acc[r] = odd[r] = _mm256_setzero_ps();
+    // a block's group by a shift where the group is 32 << k columns (every group size nemolite and GGUF
+    // write), by a division otherwise
+    const bool power_of_two = (group_blocks & (group_blocks - 1)) == 0;
+    const int shift = __builtin_ctzll(static_cast<unsigned long long>(group_blocks));
+    auto scale_of = [&](int64_t b) { return sf[power_of_two ? (b >> shift) : (b / group_blocks)]; };
+    int64_t b = 0;
+    for (; b + 2 <= KB; b += 2) {
+      const __m256i q0 = unpack_nibbles(w + b * (QK / 2)), q1 = unpack_nibbles(w + (b + 1) * (QK / 2));
+      const float s0 = scale_of(b), s1 = scale_of(b + 1);
       for (int r = 0; r < R; ++r) {
-        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.row_q(m0 + r) + b * QK));
-        const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(q, xq));
-        acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale * x.row_d(m0 + r)[b]), acc[r]);
-        offset[r] += zero * x.row_s(m0 + r)[b];
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b, m0 + r)));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b + 1, m0 + r)));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q0, x0)), _mm256_set1_ps(s0 * x.block_d(b, m0 + r)), acc[r]);
+        odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q1, x1)), _mm256_set1_ps(s1 * x.block_d(b + 1, m0 + r)), odd[r]);
       }
     }
-    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset[r];
-    return;
-  }
+    for (; b < KB; ++b) {
+      const __m256i q0 = unpack_nibbles(w + b * (QK / 2));
+      const float s0 = scale_of(b);
+      for (int r = 0; r < R; ++r) {
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b, m0 + r)));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q0, x0)), _mm256_set1_ps(s0 * x.block_d(b, m0 + r)), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) total[r] = hsum(_mm256_add_ps(acc[r], odd[r]));
+  } else
 #endif
-  for (int64_t b = 0; b < KB; ++b) {
-    const float scale = to_float(scales[b / group_blocks]);
-    const float zero = mins ? to_float(mins[b / group_blocks]) : -8.f * scale;
-    for (int r = 0; r < R; ++r) {
-      const int32_t dot = dot_scalar(w + b * (QK / 2), x.row_q(m0 + r) + b * QK, 0, QK);
-      total[r] += static_cast<float>(dot) * (scale * x.row_d(m0 + r)[b]);
-      offset[r] += zero * x.row_s(m0 + r)[b];
+  {
+    for (int64_t b = 0; b < KB; ++b) {
+      const float scale = sf[b / group_blocks];
+      for (int r = 0; r < R; ++r) {
+        const int32_t dot = dot_scalar(w + b * (QK / 2), x.block_q(b, m0 + r), 0, QK);
+        total[r] += static_cast<float>(dot) * (scale * x.block_d(b, m0 + r));
+      }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = total[r] + offset[r];
+  const int64_t groups = KB / group_blocks;
+  for (int r = 0; r < R; ++r) {
+    float offset = 0.f;
+    for (int64_t g = 0; g < groups; ++g) offset += zf[g] * x.gs[g * x.M + m0 + r];
+    out[r] = total[r] + offset;
+  }
 }
 
 // ---- int8: w = s q, one scale per `group` columns (16, a multiple of 32, or the whole row) -----
+// sf: the row's scales as floats.
 
-template <typename S, int R>
-void int8_row(const int8_t* w, const S* scales, int64_t K, int64_t group, const QuantizedRows& x,
+template <int R>
+void int8_row(const int8_t* w, const float* sf, int64_t K, int64_t group, const QuantizedRows& x,
               int64_t m0, bool reference, float* out) {
   const int64_t KB = K / QK;
   const bool per_row = group == K;
 #ifdef NEMOLITE_AVX2
-  if (!reference) {
+  int block_shift = 0;  // an int8 group of 32 << k columns (GGUF Q8_0: k = 0); others take the scalar path
+  while ((QK << block_shift) < group) ++block_shift;
+  if (!reference && (per_row || group == 16 || (QK << block_shift) == group)) {
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    const float row_scale = to_float(scales[0]);
     for (int64_t b = 0; b < KB; ++b) {
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK));
       const __m256i magnitude = _mm256_sign_epi8(q, q);
@@ -216,17 +257,17 @@ void int8_row(const int8_t* w, const S* scales, int64_t K, int64_t group, const 
       if (per_row) {
         scale = _mm256_set1_ps(1.f);
       } else if (group == 16) {  // lanes 0-3 hold columns 0-15, lanes 4-7 columns 16-31
-        scale = _mm256_set_m128(_mm_set1_ps(to_float(scales[2 * b + 1])), _mm_set1_ps(to_float(scales[2 * b])));
+        scale = _mm256_set_m128(_mm_set1_ps(sf[2 * b + 1]), _mm_set1_ps(sf[2 * b]));
       } else {
-        scale = _mm256_set1_ps(to_float(scales[b * QK / group]));
+        scale = _mm256_set1_ps(sf[b >> block_shift]);  // group = 32 << block_shift
       }
       for (int r = 0; r < R; ++r) {
-        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.row_q(m0 + r) + b * QK));
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b, m0 + r)));
         const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(magnitude, _mm256_sign_epi8(xq, q)));
-        acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(x.row_d(m0 + r)[b])), acc[r]);
+        acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(x.block_d(b, m0 + r))), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) out[r] = per_row ? hsum(acc[r]) * row_scale : hsum(acc[r]);
+    for (int r = 0; r < R; ++r) out[r] = per_row ? hsum(acc[r]) * sf[0] : hsum(acc[r]);
     return;
   }
 #endif
@@ -235,26 +276,26 @@ void int8_row(const int8_t* w, const S* scales, int64_t K, int64_t group, const 
   for (int64_t b = 0; b < KB; ++b) {
     for (int64_t begin = 0; begin < QK; begin += step) {
       const int64_t column = b * QK + begin;
-      const float scale = per_row ? 1.f : to_float(scales[column / group]);
+      const float scale = per_row ? 1.f : sf[column / group];
       for (int r = 0; r < R; ++r) {
-        const int8_t* xq = x.row_q(m0 + r) + column;
+        const int8_t* xq = x.block_q(b, m0 + r) + begin;
         int32_t dot = 0;
         for (int64_t j = 0; j < step; ++j) dot += static_cast<int32_t>(w[column + j]) * xq[j];
-        total[r] += static_cast<float>(dot) * (scale * x.row_d(m0 + r)[b]);
+        total[r] += static_cast<float>(dot) * (scale * x.block_d(b, m0 + r));
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = per_row ? total[r] * to_float(scales[0]) : total[r];
+  for (int r = 0; r < R; ++r) out[r] = per_row ? total[r] * sf[0] : total[r];
 }
 
 // One weight row against R activation rows; R is a template argument so that accumulators stay in registers.
-template <typename S, int R>
-void weight_row(bool int4, const uint8_t* w, const S* scales, const S* mins, int64_t K, int64_t group,
+template <int R>
+void weight_row(bool int4, const uint8_t* w, const float* sf, const float* zf, int64_t K, int64_t group,
                 const QuantizedRows& x, int64_t m0, bool reference, float* out) {
   if (int4) {
-    int4_row<S, R>(w, scales, mins, K / QK, group / QK, x, m0, reference, out);
+    int4_row<R>(w, sf, zf, K / QK, group / QK, x, m0, reference, out);
   } else {
-    int8_row<S, R>(reinterpret_cast<const int8_t*>(w), scales, K, group, x, m0, reference, out);
+    int8_row<R>(reinterpret_cast<const int8_t*>(w), sf, K, group, x, m0, reference, out);
   }
 }
 
@@ -264,21 +305,27 @@ void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* s
   const int64_t groups = K / group;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[MAX_ROWS];
+    std::vector<float> sf(groups), zf(groups);
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* w = W + n * row_bytes;
-      const S* s = scales + n * groups;
-      const S* z = mins ? mins + n * groups : nullptr;
+      row_scales(scales + n * groups, groups, sf.data());
+      if (int4 && mins) {
+        row_scales(mins + n * groups, groups, zf.data());
+      } else if (int4) {
+        for (int64_t g = 0; g < groups; ++g) zf[g] = -8.f * sf[g];
+      }
       for (int64_t m0 = 0; m0 < x.M; m0 += MAX_ROWS) {
         const int64_t rows = std::min<int64_t>(MAX_ROWS, x.M - m0);
+        const float *s = sf.data(), *z = zf.data();
         switch (rows) {
-          case 1: weight_row<S, 1>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 2: weight_row<S, 2>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 3: weight_row<S, 3>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 4: weight_row<S, 4>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 5: weight_row<S, 5>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 6: weight_row<S, 6>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 7: weight_row<S, 7>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          default: weight_row<S, 8>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 1: weight_row<1>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 2: weight_row<2>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 3: weight_row<3>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 4: weight_row<4>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 5: weight_row<5>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 6: weight_row<6>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 7: weight_row<7>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          default: weight_row<8>(int4, w, s, z, K, group, x, m0, reference, out); break;
         }
         for (int64_t r = 0; r < rows; ++r) Y[(m0 + r) * N + n] = out[r];
       }
@@ -310,9 +357,10 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
                                c10::optional<torch::Tensor> mins, int64_t group, bool int4, bool reference) {
   check_layer(x, qweight, scales, mins, group, int4);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  const QuantizedRows rows = x.scalar_type() == torch::kFloat
+  QuantizedRows rows = x.scalar_type() == torch::kFloat
       ? quantize_rows(x.data_ptr<float>(), M, K, reference)
       : quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, reference);
+  if (int4) rows.sum_groups(group / QK);
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   const uint8_t* W = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const int64_t row_bytes = qweight.size(1);
@@ -352,9 +400,9 @@ void dequantize_rows(bool int4, const uint8_t* W, int64_t row_bytes, const S* sc
       const S* s = scales + n * groups;
       if (int4) {
         const S* z = mins ? mins + n * groups : nullptr;
-        for (int64_t b = 0; b < K / QK; ++b) {
-          const float scale = to_float(s[b * QK / group]);
-          const float zero = z ? to_float(z[b * QK / group]) : -8.f * scale;
+        for (int64_t b = 0, per_group = group / QK; b < K / QK; ++b) {
+          const float scale = to_float(s[b / per_group]);
+          const float zero = z ? to_float(z[b / per_group]) : -8.f * scale;
           const uint8_t* nibbles = w + b * (QK / 2);
           float* dst = row.data() + b * QK;
           for (int64_t j = 0; j < QK / 2; ++j) {
@@ -364,7 +412,10 @@ void dequantize_rows(bool int4, const uint8_t* W, int64_t row_bytes, const S* sc
         }
       } else {
         const int8_t* q = reinterpret_cast<const int8_t*>(w);
-        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(q[k]) * to_float(s[k / group]);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float scale = to_float(s[g]);
+          for (int64_t k = g * group; k < (g + 1) * group; ++k) row[k] = static_cast<float>(q[k]) * scale;
+        }
       }
       T* dst = out + n * K;
       for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<T>(row[k]);
