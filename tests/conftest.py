@@ -13,6 +13,10 @@ import torch
 
 # Where nemolite runs in the tests; the transformers reference always runs on the CPU in fp32.
 DEVICE = os.environ.get("NEMOLITE_TEST_DEVICE", "cpu")
+# Quantized layers take the integer kernel up to a row count measured per machine (nemolite.quant.kernels);
+# the tests fix it at the floor so that which path a prompt takes does not depend on the machine (also in
+# the processes they start). tests/quant/test_kernels.py measures it for real.
+os.environ.setdefault("NEMOLITE_QUANT_KERNEL_ROWS", "8")
 
 WORDS = ("the model returns a value when the list is empty and the string holds one or more words "
          "python reads files from disk each line ends with a newline character numbers like 42 and 1024 "

@@ -76,6 +76,10 @@ class CompiledDecoder:
         # On CUDA the step is replayed as a CUDA graph (cudagraph trees): one launch instead of hundreds.
         self.cuda_graphs = first.device.type == "cuda"
         self.paged_kernel = cpu_kernels.has("decode_attention")  # decided here: a constant of the traced step
+        if first.device.type == "cpu":
+            from nemolite.quant import kernels
+
+            kernels.max_kernel_rows(first.dtype)  # measured before tracing, a constant inside the graph
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
                                    mode="reduce-overhead" if self.cuda_graphs else None)
         self.static_caches: set[int] = set()

@@ -1,9 +1,9 @@
 """`nemolite convert --quantization`: compressed-tensors pack-quantized checkpoints.
 
 The layout is checked against compressed-tensors itself (its decompressor, its config model, and
-transformers' compressed-tensors loader), run from a separate virtual environment that has it
-(NEMOLITE_CT_PYTHON, default /work/venvs/ct/bin/python: `python -m venv /work/venvs/ct &&
-/work/venvs/ct/bin/pip install torch compressed-tensors transformers`); those tests skip without it.
+transformers' compressed-tensors loader), run in a subprocess that imports it: this Python with
+NEMOLITE_TEST_CT_PATH on its path (what .ci/run installs with --target), else a separate virtual
+environment NEMOLITE_CT_PYTHON (default /work/venvs/ct/bin/python); those tests skip without either.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,12 @@ from nemolite.quant.linear import QuantizedLinear, dequantize_reference
 from nemolite.quant.spec import parse_quantization
 from tests.conftest import make_llama, make_nemotron
 
-CT_PYTHON = Path(os.environ.get("NEMOLITE_CT_PYTHON", "/work/venvs/ct/bin/python"))
+CT_PATH = os.environ.get("NEMOLITE_TEST_CT_PATH")
+CT_PYTHON = Path(sys.executable if CT_PATH else os.environ.get("NEMOLITE_CT_PYTHON", "/work/venvs/ct/bin/python"))
+CT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [CT_PATH, os.environ.get("PYTHONPATH")]))} \
+    if CT_PATH else None
 CT_SCRIPT = Path(__file__).with_name("ct_decompress.py")
-needs_ct = pytest.mark.skipif(not CT_PYTHON.is_file(), reason=f"no compressed-tensors environment at {CT_PYTHON}")
+needs_ct = pytest.mark.skipif(not CT_PYTHON.is_file(), reason=f"no compressed-tensors (NEMOLITE_TEST_CT_PATH or {CT_PYTHON})")
 IDS = [2, 17, 33, 90, 5, 41, 7]
 LONG_IDS = IDS + [60, 61, 62, 8, 9, 10, 11, 12, 13]  # over GEMV_MAX_ROWS: nemolite's dense path, fp32 activations
 
@@ -137,7 +141,7 @@ def test_compressed_tensors_decompressor_reproduces_nemolite_bit_exactly(source,
     assert len(expected) == (15 if spec.endswith("-head") else 12)  # Llama: 7 linears a layer + the head
     save_file({k: v.contiguous() for k, v in expected.items()}, str(tmp_path / "expected.safetensors"))
     result = subprocess.run([str(CT_PYTHON), str(CT_SCRIPT), str(destination), str(tmp_path / "expected.safetensors")],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=CT_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["compressors"] == ["PackedQuantizationCompressor"]
@@ -163,7 +167,7 @@ def test_transformers_loads_the_converted_checkpoint(source, tmp_path, spec):
               f"with torch.no_grad(): out = m(torch.tensor([{LONG_IDS}])).logits\n"
               "print(json.dumps(out[0].tolist()))\n")
     result = subprocess.run([str(CT_PYTHON), "-c", script, str(destination)], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env=CT_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     model = _quantized_model(source, spec)

@@ -130,3 +130,16 @@ def test_int4_packing_is_ggufs_q4_0_layout():
     assert packed.shape == (1, 32)
     assert packed[0, 0] == (values[0, 0] | values[0, 16] << 4)  # byte j: column j low, column j + 16 high
     assert torch.equal(unpack_int4(packed), values.to(torch.uint8))
+
+
+def test_the_kernel_row_limit_is_measured_once_per_dtype(ops, monkeypatch):
+    from nemolite.quant import kernels
+
+    monkeypatch.delenv("NEMOLITE_QUANT_KERNEL_ROWS")
+    monkeypatch.setattr(kernels, "_max_rows", {})
+    rows = kernels.max_kernel_rows(torch.float32)
+    assert rows in (kernels.GEMV_MAX_ROWS, *kernels.CANDIDATE_ROWS)
+    assert kernels._max_rows == {torch.float32: rows}
+    monkeypatch.setenv("NEMOLITE_QUANT_KERNEL_ROWS", "33")
+    assert kernels.max_kernel_rows(torch.float32) == rows  # cached
+    assert kernels.max_kernel_rows(torch.bfloat16) == 33
