@@ -74,12 +74,13 @@ def windows(tokens: list[int], ctx: int, bos: int | None) -> list[list[int]]:
     return out
 
 
-def nemolite_perplexity(file: Path, text: str, ctx: int, dtype: str, batch: int = 4):
+def nemolite_perplexity(file: Path, text: str, ctx: int, dtype: str, batch: int = 4, quantization: str | None = None):
     import torch
 
     from nemolite.checkpoint import load_checkpoint
+    from nemolite.quant import parse_quantization
 
-    model, tokenizer = load_checkpoint(file, dtype, torch.device("cpu"))
+    model, tokenizer = load_checkpoint(file, dtype, torch.device("cpu"), quantization=parse_quantization(quantization))
     tokens = tokenizer.encode(text, add_bos=True)
     chunks = windows(tokens, ctx, tokenizer.bos_token_id)
     first, nll, count = ctx // 2, 0.0, 0
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--dtype", default="auto", help="nemolite's model dtype (default: auto, bf16 here)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantization", default=None,
+                        help="also quantize nemolite's model at load (int8, int4 ...): its own quantization of a "
+                             "float file, scored on the same windows")
     parser.add_argument("--llama-python", help="a Python with llama-cpp-python, e.g. /work/venvs/llama/bin/python")
     parser.add_argument("--llama-perplexity", help="the llama-perplexity binary")
     args = parser.parse_args(argv)
@@ -135,8 +139,10 @@ def main(argv=None) -> int:
         text_file = Path(scratch) / "text.txt"
         text_file.write_text(text)
         for file in args.files:
-            ppl, tokens, chunks, scored, dtype, seconds = nemolite_perplexity(file, text, args.ctx, args.dtype)
-            row = {"file": file.name, "tokens": len(tokens), "windows": len(chunks), "scored": scored,
+            ppl, tokens, chunks, scored, dtype, seconds = nemolite_perplexity(file, text, args.ctx, args.dtype,
+                                                                              quantization=args.quantization)
+            label = file.name + (f" --quantization {args.quantization}" if args.quantization else "")
+            row = {"file": label, "tokens": len(tokens), "windows": len(chunks), "scored": scored,
                    "dtype": dtype, "nemolite": ppl, "nemolite_s": seconds}
             if args.llama_python:
                 theirs, their_tokens, their_scored = llama_python_perplexity(args.llama_python, file, text, chunks,
