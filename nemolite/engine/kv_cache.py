@@ -106,10 +106,9 @@ class PagedKVCache:
         """q [1, H, N, hd], k/v [1, G, N, hd] for the step's N flattened tokens -> [1, H, N, hd]."""
         metadata = self.metadata
         keys, values = self.keys[layer_index], self.values[layer_index]
-        if self.fp8:
-            return self._attend_fp8(layer_index, q, k, v)
-        keys.index_copy_(0, metadata.slot_mapping, k[0].transpose(0, 1))
-        values.index_copy_(0, metadata.slot_mapping, v[0].transpose(0, 1))
+        k_scale, v_scale = self.scales[layer_index]
+        self.store(keys, metadata.slot_mapping, k[0].transpose(0, 1), k_scale)
+        self.store(values, metadata.slot_mapping, v[0].transpose(0, 1), v_scale)
         decode = metadata.num_decode_tokens
         parts = []
         if decode and self.paged_kernel:
@@ -120,52 +119,34 @@ class PagedKVCache:
             parts.append(out.transpose(0, 1))  # [H, B, hd]
         elif decode:
             # [B, max_context, G, hd] -> [B, G, max_context, hd]; one query per sequence.
-            context_keys = gather_slots(keys, metadata.decode_context_slots).transpose(1, 2)
-            context_values = gather_slots(values, metadata.decode_context_slots).transpose(1, 2)
+            context_keys = self.read(keys, metadata.decode_context_slots, k_scale).transpose(1, 2)
+            context_values = self.read(values, metadata.decode_context_slots, v_scale).transpose(1, 2)
             queries = q[0, :, :decode].transpose(0, 1).unsqueeze(2)  # [B, H, 1, hd]
             out = causal_attention(queries, context_keys, context_values, mask=metadata.decode_mask)
             parts.append(out.squeeze(2).transpose(0, 1))  # [H, B, hd]
         for segment in metadata.prefill_segments:
             slots = segment.context_slots
-            context_keys = gather_slots(keys, slots).transpose(0, 1).unsqueeze(0)  # [1, G, context, hd]
-            context_values = gather_slots(values, slots).transpose(0, 1).unsqueeze(0)
+            context_keys = self.read(keys, slots, k_scale).transpose(0, 1).unsqueeze(0)  # [1, G, context, hd]
+            context_values = self.read(values, slots, v_scale).transpose(0, 1).unsqueeze(0)
             queries = q[:, :, segment.start:segment.start + segment.length]
             parts.append(causal_attention(queries, context_keys, context_values)[0])
         return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
 
-    def _attend_fp8(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``attend`` over an e4m3 cache: new K/V scaled, clamped and stored as bytes; the context gathered
-        as bytes and widened back (the step's own K/V too, so that every position is read as stored)."""
-        metadata = self.metadata
-        k_scale, v_scale = self.scales[layer_index]
-        keys, values = self.keys[layer_index], self.values[layer_index]
-        self.store_fp8(keys, metadata.slot_mapping, k[0].transpose(0, 1), k_scale)
-        self.store_fp8(values, metadata.slot_mapping, v[0].transpose(0, 1), v_scale)
-        read = self.read_fp8
-        decode = metadata.num_decode_tokens
-        parts = []
-        if decode:
-            context_keys = read(keys, metadata.decode_context_slots, k_scale).transpose(1, 2)
-            context_values = read(values, metadata.decode_context_slots, v_scale).transpose(1, 2)
-            queries = q[0, :, :decode].transpose(0, 1).unsqueeze(2)
-            out = causal_attention(queries, context_keys, context_values, mask=metadata.decode_mask)
-            parts.append(out.squeeze(2).transpose(0, 1))
-        for segment in metadata.prefill_segments:
-            context_keys = read(keys, segment.context_slots, k_scale).transpose(0, 1).unsqueeze(0)
-            context_values = read(values, segment.context_slots, v_scale).transpose(0, 1).unsqueeze(0)
-            queries = q[:, :, segment.start:segment.start + segment.length]
-            parts.append(causal_attention(queries, context_keys, context_values)[0])
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).unsqueeze(0)
-
-    @staticmethod
-    def store_fp8(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, scale: float) -> None:
-        """new [N, G, hd] / scale, clamped to e4m3's range, into the byte cache at ``slots``."""
+    def store(self, cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor, scale: float) -> None:
+        """new [N, G, hd] into the cache at ``slots``; an FP8 cache takes new / scale, clamped to e4m3's
+        range, as bytes (the step's own K/V are then read back as stored, like every other position)."""
+        if not self.fp8:
+            cache.index_copy_(0, slots, new)
+            return
         stored = (new.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
         cache.index_copy_(0, slots, stored.view(torch.uint8))
 
-    def read_fp8(self, cache: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
-        """cache[slots] widened: e4m3 × scale in the compute dtype."""
-        return (gather_slots(cache, slots).view(FP8).to(torch.float32) * scale).to(self.compute_dtype)
+    def read(self, cache: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+        """cache[slots] in the compute dtype (an FP8 cache widened: e4m3 × scale)."""
+        gathered = gather_slots(cache, slots)
+        if not self.fp8:
+            return gathered
+        return (gathered.view(FP8).to(torch.float32) * scale).to(self.compute_dtype)
 
     def advance(self, num_tokens: int) -> None:
         """Positions are managed by the engine, not the cache."""

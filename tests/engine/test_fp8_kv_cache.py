@@ -50,8 +50,8 @@ def test_scales_divide_on_the_way_in_and_multiply_on_the_way_out():
     shape = (3, keys.shape[1], keys.shape[2])
     slots = torch.tensor([0, 5, 9])
     new = torch.stack([torch.full(shape[1:], 96.0), torch.full(shape[1:], 100.0), torch.full(shape[1:], -5000.0)])
-    cache.store_fp8(keys, slots, new, 4.0)  # 24, 25 -> 24 (e4m3 has 3 mantissa bits), -1250 -> -448
-    back = cache.read_fp8(keys, slots, 4.0)
+    cache.store(keys, slots, new, 4.0)  # 24, 25 -> 24 (e4m3 has 3 mantissa bits), -1250 -> -448
+    back = cache.read(keys, slots, 4.0)
     assert back[0].eq(96).all() and back[1].eq(96).all() and back[2].eq(-448 * 4).all()
     assert keys.dtype == torch.uint8 and cache.scales[1] == (1.0, 1.0) and cache.scales[0] == (4.0, 0.5)
 
