@@ -131,11 +131,10 @@ def run_nemolite(workload: Workload, path: Path, options: dict) -> dict:
 def model_weight_bytes(model) -> int:
     """Bytes of weights a decode step reads: every linear layer as stored (quantized values, scales and
     mins, or float), norms; not the embedding table, of which one row is read."""
-    from nemolite.quant import QuantizedLinear
+    from nemolite.quant import quantized_weight_bytes
 
     embedding = model.model.embed_tokens.weight if model.model.embed_tokens is not None else None
-    total = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
-    return total + sum(p.numel() * p.element_size() for p in model.parameters()
+    return quantized_weight_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters()
                        if p is not embedding and p.numel())
 
 

@@ -228,7 +228,7 @@ def load_gguf_model(file: Path, dtype: str | torch.dtype = "auto", device: torch
     (and the LM head with ``lm_head``), keeping those stored quantized as they are."""
     from nemolite.checkpoint.hf import resolve_dtype
     from nemolite.model import CausalLM
-    from nemolite.quant.model import install, quantizable_linears, quantize_module
+    from nemolite.quant.model import fused_bias, install, quantize_model
 
     if parallel is not None and getattr(parallel, "distributed", False):
         raise NemoliteError("GGUF checkpoints load on one device only (no tensor or pipeline parallelism); "
@@ -269,13 +269,10 @@ def load_gguf_model(file: Path, dtype: str | torch.dtype = "auto", device: torch
         for module_name, (gguf_name, type_name) in quantized.items():
             module = modules[module_name]
             raw = _unpermuted(checkpoint, config, module_name + ".weight", checkpoint.raw(gguf_name))
-            bias = getattr(module, "bias", None)
-            layer = quantized_linear(type_name, raw, None if bias is None else bias.detach())
+            layer = quantized_linear(type_name, raw, fused_bias(module))
             install(model, module_name, module, layer.to(device))
-        if quantization is not None:
-            for module_name, module in quantizable_linears(model, quantization):
-                if module.weight.numel():
-                    install(model, module_name, module, quantize_module(module, quantization))
+        if quantization is not None:  # the layers the file holds in float
+            quantize_model(model, quantization)
     if quantized:
         _trim_heap()
     return model.eval(), checkpoint

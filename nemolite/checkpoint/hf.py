@@ -21,7 +21,7 @@ from nemolite.config import ModelConfig, load_config
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
 from nemolite.parallel.tensor import shard_slice
-from nemolite.quant.model import install, quantizable_linears, quantize_module
+from nemolite.quant.model import fused_bias, install, is_linear, quantizable_linears, quantize_model, quantize_module
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -216,8 +216,8 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
             module_name, module = layers[name]
             shape = tuple(shapes[name])
             if name in packed:
-                quantized = prequantized.load(packed[name], files, _sharder(name, shape, config, model.parallel),
-                                              _fused_bias(module))
+                quantized = prequantized.load(packed[name], files, shard_slice(name, shape, config, model.parallel),
+                                              fused_bias(module))
             else:  # quantize at load: this rank's float shard, then its quantized form
                 entry, part = entries[name], shard_slice(name, shape, config, model.parallel)
                 target_shape = shape if part is None else shape[:part[0]] + (part[2],) + shape[part[0] + 1:]
@@ -226,11 +226,8 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
                 quantized = quantize_module(module, quantization, weight=buffer)
                 del buffer
             install(model, module_name, module, quantized.to(device))
-        if quantization is not None:  # a tied LM head (quantized from the embedding), layers a format left float
-            done = {module_name for module_name, _ in layers.values()}
-            for module_name, module in quantizable_linears(model, quantization):
-                if module_name not in done and module.weight.numel():
-                    install(model, module_name, module, quantize_module(module, quantization))
+        if quantization is not None:  # a tied LM head (quantized from the embedding), layers a format left float:
+            quantize_model(model, quantization)  # what is installed already has no float weight and is skipped
     return model.eval()
 
 
@@ -245,31 +242,12 @@ def _quantized_layers(model: CausalLM, params: dict, packed: dict, quantization)
     layers = {}
     for name, param in params.items():
         if name in packed:
-            if id(param) not in linears or not _is_linear(linears[id(param)][1]):
+            if id(param) not in linears or not is_linear(linears[id(param)][1]):
                 raise NemoliteError(f"{name} is stored quantized but nemolite's {name} is not a linear layer")
             layers[name] = linears[id(param)]
         elif id(param) in by_weight and name == by_weight[id(param)][0] + ".weight":  # a tied head: afterwards
             layers[name] = by_weight[id(param)]
     return layers
-
-
-def _is_linear(module) -> bool:
-    from nemolite.model.layers import Linear
-    from nemolite.parallel.tensor import RowParallelLinear, VocabParallelHead
-
-    return isinstance(module, (Linear, RowParallelLinear, VocabParallelHead))
-
-
-def _fused_bias(module):
-    from nemolite.quant.model import _bias_inside
-
-    bias = getattr(module, "bias", None)
-    return None if bias is None or not _bias_inside(module) else bias.detach()
-
-
-def _sharder(name: str, shape: tuple[int, ...], config: ModelConfig, parallel):
-    """(dimension, start, length) of this rank's part of a full [N, K] weight, or None."""
-    return shard_slice(name, shape, config, parallel)
 
 
 def _first_offset(item) -> tuple[str, int]:

@@ -184,11 +184,15 @@ def _scales_2d(scales: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     return scales
 
 
+def _in_fp16_range(t: torch.Tensor) -> bool:
+    """Every value zero or a normal fp16 number in magnitude."""
+    magnitude = t.float().abs()
+    return bool(((magnitude == 0) | ((magnitude >= FP16_NORMAL_MIN) & (magnitude <= FP16_MAX))).all())
+
+
 def _fits_fp16(t: torch.Tensor) -> bool:
     f = t.float()
-    magnitude = f.abs()
-    return bool(((magnitude == 0) | ((magnitude >= FP16_NORMAL_MIN) & (magnitude <= FP16_MAX))).all()) and \
-        bool((f.half().float() == f).all())
+    return _in_fp16_range(f) and bool((f.half().float() == f).all())
 
 
 def _compact(scales: torch.Tensor) -> torch.Tensor:
@@ -205,10 +209,7 @@ def _compact_pair(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tenso
 def _fp16_if_exact(scales: torch.Tensor) -> torch.Tensor:
     """Scales rounded to fp16 when all lie in its normal range (then the values are computed against the
     rounded scale, as GGUF does); fp32 otherwise."""
-    magnitude = scales.abs()
-    if bool(((magnitude == 0) | ((magnitude >= FP16_NORMAL_MIN) & (magnitude <= FP16_MAX))).all()):
-        return scales.half()
-    return scales.float()
+    return scales.half() if _in_fp16_range(scales) else scales.float()
 
 
 def _fp16_pair_if_exact(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

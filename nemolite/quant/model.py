@@ -17,18 +17,32 @@ def quantizable_linears(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn
     """(name, module) of every layer ``spec`` quantizes: each decoder Linear (attention, MLP, NAS linear
     sublayers, their tensor-parallel forms) and, with ``spec.lm_head``, the LM head. Reward heads
     (``score``) and embeddings never."""
-    from nemolite.model.layers import Linear
-    from nemolite.parallel.tensor import RowParallelLinear, VocabParallelHead
-
     chosen = []
     for name, module in model.named_modules():
         if name == "score" or name.endswith(".score"):
             continue
         if is_head(name) and not spec.lm_head:
             continue
-        if isinstance(module, (Linear, RowParallelLinear, VocabParallelHead)) and module.weight.numel():
+        if is_linear(module) and module.weight.numel():
             chosen.append((name, module))
     return chosen
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer a QuantizedLinear can take the place of: a decoder Linear or its tensor-parallel forms."""
+    from nemolite.model.layers import Linear
+    from nemolite.parallel.tensor import RowParallelLinear, VocabParallelHead
+
+    return isinstance(module, (Linear, RowParallelLinear, VocabParallelHead))
+
+
+def fused_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias its QuantizedLinear adds itself: the layer's own, except a row-parallel layer's, which is
+    added after the all-reduce."""
+    from nemolite.parallel.tensor import RowParallelLinear
+
+    bias = getattr(module, "bias", None)
+    return None if bias is None or isinstance(module, RowParallelLinear) else bias.detach()
 
 
 def quantize_module(module: nn.Module, spec: QuantSpec, weight: torch.Tensor | None = None) -> QuantizedLinear:
@@ -36,11 +50,10 @@ def quantize_module(module: nn.Module, spec: QuantSpec, weight: torch.Tensor | N
     per channel whatever the spec: its errors go straight into every logit, which is why llama.cpp's
     4-bit files keep it at 6 bits (Q6_K) or more."""
     weight = module.weight if weight is None else weight
-    bias = getattr(module, "bias", None)
-    fused_bias = None if bias is None or not _bias_inside(module) else bias.detach()
+    bias = fused_bias(module)
     if _is_head_module(module):
-        return quantize_weight(weight, "int8", None, True, fused_bias)
-    return quantize_weight(weight, spec.method, spec.group_size, spec.symmetric, fused_bias)
+        return quantize_weight(weight, "int8", None, True, bias)
+    return quantize_weight(weight, spec.method, spec.group_size, spec.symmetric, bias)
 
 
 def is_head(name: str) -> bool:
@@ -52,11 +65,6 @@ def _is_head_module(module: nn.Module) -> bool:
 
     return isinstance(module, VocabParallelHead) or getattr(module, "is_lm_head", False)
 
-
-def _bias_inside(module: nn.Module) -> bool:
-    from nemolite.parallel.tensor import RowParallelLinear
-
-    return not isinstance(module, RowParallelLinear)  # a row-parallel bias is added after the all-reduce
 
 
 def install(model: nn.Module, name: str, module: nn.Module, quantized: QuantizedLinear) -> None:
