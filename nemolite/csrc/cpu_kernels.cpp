@@ -1,25 +1,64 @@
-// Decode kernels for x86 CPUs with AVX512-BF16: a bf16 GEMV, paged decode attention, a row sampler.
-// Built by nemolite/model/cpu_kernels.py with -march=native; on CPUs without AVX512-BF16 this file
-// compiles to nothing and the Python side falls back (nemolite.model.cpu_kernels.has).
+// Decode kernels for x86 CPUs with AVX2 and FMA: a bf16 GEMV, paged decode attention, a row sampler.
+// Built by nemolite/model/cpu_kernels.py with -march=native. Each kernel has an AVX512 form (16 lanes;
+// vdpbf16ps where the CPU has AVX512-BF16) and an AVX2 form (8 lanes; bf16 widened to fp32 by a
+// shift, as a bf16 is the top half of an fp32); without AVX2 + FMA this file compiles to nothing and
+// the Python side falls back (nemolite.model.cpu_kernels.has).
 #include <torch/extension.h>
 
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
-// y[n] = sum_k w[n, k] * x[k]: w bf16 [N, K] row-major, x bf16 [K], K % 32 == 0; fp32 accumulation.
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define NEMOLITE_AVX512_BF16 1
+#endif
+
+// fp32 -> bf16 bits, rounded to nearest even as a bf16 cast does (no NaN inputs here).
+static inline uint16_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// 8 bf16 -> 8 fp32.
+static inline __m256 bf16x8_to_float(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+static inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float reduce_max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// y[n] = sum_k w[n, k] * x[k]: w bf16 [N, K] row-major, x bf16 [K], K % 32 == 0; fp32 accumulation,
+// one sequential pass per row with four independent accumulators. AVX512-BF16: vdpbf16ps, 32
+// products an instruction. AVX2: x widened to fp32 once (L1-resident), each row widened 8 at a time.
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   const int64_t N = w.size(0), K = w.size(1);
   auto y = torch::empty({N}, x.options());
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
+#ifndef NEMOLITE_AVX512_BF16
+  std::vector<float> xf(K);
+  for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(xf.data() + k, bf16x8_to_float(X + k));
+  const float* XF = xf.data();
+#endif
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const uint16_t* row = W + n * K;
+#ifdef NEMOLITE_AVX512_BF16
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
       int64_t k = 0;
       for (; k + 128 <= K; k += 128) {
@@ -30,67 +69,91 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
       }
       for (; k < K; k += 32)
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(X + k));
-      float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-      uint32_t bits;
-      std::memcpy(&bits, &sum, 4);
-      bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even, as a bf16 cast does
-      Y[n] = static_cast<uint16_t>(bits >> 16);
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        a0 = _mm256_fmadd_ps(bf16x8_to_float(row + k), _mm256_loadu_ps(XF + k), a0);
+        a1 = _mm256_fmadd_ps(bf16x8_to_float(row + k + 8), _mm256_loadu_ps(XF + k + 8), a1);
+        a2 = _mm256_fmadd_ps(bf16x8_to_float(row + k + 16), _mm256_loadu_ps(XF + k + 16), a2);
+        a3 = _mm256_fmadd_ps(bf16x8_to_float(row + k + 24), _mm256_loadu_ps(XF + k + 24), a3);
+      }
+      const float sum = reduce_add8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+      Y[n] = bf16_bits(sum);
     }
   });
   return y;
 }
 
 // e^x for x <= 0 (Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two parts, a degree-6
-// polynomial, scaled by 2^n): within 2 ulp of expf, 16 lanes at a time; below -87.3 it gives ~1e-38.
-static inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+// polynomial, scaled by 2^n built in the exponent bits): within 2 ulp of expf; below -87.3 it gives
+// ~1e-38. 8 lanes.
+static inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));  // n >= -126: 2^n is a normal float
 }
 
-// The first min(count, 16) lanes.
-static inline __mmask16 lanes(int64_t count) {
-  return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+// The first count (at most 8) lanes of p, the others -inf.
+static inline __m256 load_or_minus_inf(const float* p, int64_t count) {
+  if (count >= 8) return _mm256_loadu_ps(p);
+  alignas(32) float buffer[8];
+  for (int64_t i = 0; i < 8; ++i) buffer[i] = i < count ? p[i] : -INFINITY;
+  return _mm256_load_ps(buffer);
 }
 
-// Each of the rows scores[i * n : (i + 1) * n] replaced by its softmax (fp32, 16 lanes at a time).
+static inline void store_first(float* p, __m256 v, int64_t count) {
+  if (count >= 8) return _mm256_storeu_ps(p, v);
+  alignas(32) float buffer[8];
+  _mm256_store_ps(buffer, v);
+  std::copy(buffer, buffer + count, p);
+}
+
+// e[i] = exp(x[i] - highest) for the n values of x (-inf -> 0), 8 at a time; returns their sum.
+static float exp_shifted(const float* x, int64_t n, float highest, float* e) {
+  const __m256 top = _mm256_set1_ps(highest);
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 v = load_or_minus_inf(x + j, n - j);
+    const __m256 live = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    const __m256 ex = _mm256_and_ps(live, exp_nonpositive(_mm256_sub_ps(v, top)));
+    store_first(e + j, ex, n - j);
+    total = _mm256_add_ps(total, ex);
+  }
+  return reduce_add8(total);
+}
+
+static float max_of(const float* x, int64_t n) {
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 8) top = _mm256_max_ps(top, load_or_minus_inf(x + j, n - j));
+  return reduce_max8(top);
+}
+
+// Each of the rows scores[i * n : (i + 1) * n] replaced by its softmax (fp32).
 static void softmax_rows(float* scores, int64_t rows, int64_t n) {
   for (int64_t i = 0; i < rows; ++i) {
     float* s = scores + i * n;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 live = lanes(n - j);
-      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, s + j));
-    }
-    const __m512 highest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 live = lanes(n - j);
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), highest));
-      _mm512_mask_storeu_ps(s + j, live, e);
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
-    }
-    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total));
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 live = lanes(n - j);
-      _mm512_mask_storeu_ps(s + j, live, _mm512_div_ps(_mm512_maskz_loadu_ps(live, s + j), sum));
-    }
+    const float total = exp_shifted(s, n, max_of(s, n), s);
+    for (int64_t j = 0; j < n; ++j) s[j] /= total;
   }
 }
 
 static inline float to_float(float x) { return x; }
 static inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
 
+#ifdef __AVX512F__
 // The fp32 case for head_dim = 16 * C (64, 128): one task per sequence, every cached row (all G
 // KV heads, contiguous in the cache) read once, in slot order, for all H query heads. Reading whole
 // rows instead of one KV head's slice per task took the demo model's layer (B=16, 325 positions,
@@ -127,10 +190,12 @@ static void attend_f32(const float* qs, int64_t H, int64_t G, int64_t n, int64_t
   std::copy(acc, acc + H * D, out);
 }
 
+#endif
+
 // Decode attention straight from the paged cache: one query per sequence over its first lengths[b]
 // cached positions (slots[b, :lengths[b]] of k_cache/v_cache [num_slots, G, D]) plus its own new
 // key/value, nothing gathered or copied. q [B, H, D], new_k/new_v [B, G, D] -> [B, H, D]. The fp32
-// head_dim 64/128 case takes one task per sequence (attend_f32); the others one per (sequence, KV
+// head_dim 64/128 case takes one task per sequence under AVX512 (attend_f32); the others one per (sequence, KV
 // head), each cached row slice read once for the group's query heads.
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
@@ -146,6 +211,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t* SL = slots.data_ptr<int64_t>();
   const int64_t* LEN = lengths.data_ptr<int64_t>();
   T* O = out.data_ptr<T>();
+#ifdef __AVX512F__
   if constexpr (std::is_same_v<T, float>) {
     if (D == 64 || D == 128) {
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -162,6 +228,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
       return;
     }
   }
+#endif
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(per_group * D), row(D), acc(per_group * D), scores;
     for (int64_t task = begin; task < end; ++task) {
@@ -200,6 +267,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   });
 }
 
+#ifdef NEMOLITE_AVX512_BF16
 static inline __m512 bf16x16_to_float(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
@@ -258,6 +326,8 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k_cache,
   });
 }
 
+#endif
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                                torch::Tensor lengths, torch::Tensor new_k, torch::Tensor new_v, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && new_k.dim() == 3, "decode_attention: q [B,H,D], cache [N,G,D]");
@@ -266,9 +336,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   q = q.contiguous(); new_k = new_k.contiguous(); new_v = new_v.contiguous();
   slots = slots.to(torch::kLong).contiguous(); lengths = lengths.to(torch::kLong).contiguous();
   auto out = torch::empty_like(q);
+#ifdef NEMOLITE_AVX512_BF16
   if (q.scalar_type() == torch::kBFloat16 && q.size(2) % 32 == 0)
     decode_attention_bf16(q, k_cache, v_cache, slots, lengths, new_k, new_v, scale, out);
-  else if (q.scalar_type() == torch::kBFloat16)
+  else
+#endif
+  if (q.scalar_type() == torch::kBFloat16)
     decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, slots, lengths, new_k, new_v, scale, out);
   else {
     TORCH_CHECK(q.scalar_type() == torch::kFloat, "decode_attention: bf16 or fp32");
@@ -310,21 +383,13 @@ static void take_boundary(float* e, int64_t V, int64_t boundary, std::vector<std
 static void sample_row(const float* logits, int64_t V, float temperature, int64_t top_k, float top_p, float min_p,
                        float u, float* e, std::vector<float>& mass, std::vector<int64_t>& count,
                        std::vector<std::pair<float, int32_t>>& pool, int64_t* token) {
-  const __m512 t = _mm512_set1_ps(temperature);
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t i = 0; i < V; i += 16) {
-    const __mmask16 live = lanes(V - i);
-    const __m512 x = _mm512_div_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, logits + i), t);
-    _mm512_mask_storeu_ps(e + i, live, x);
-    top = _mm512_max_ps(top, x);
+  float highest = -INFINITY;
+#pragma omp simd reduction(max : highest)
+  for (int64_t i = 0; i < V; ++i) {
+    e[i] = logits[i] / temperature;
+    highest = std::max(highest, e[i]);
   }
-  const __m512 highest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  for (int64_t i = 0; i < V; i += 16) {
-    const __mmask16 live = lanes(V - i);
-    const __m512 x = _mm512_maskz_loadu_ps(live, e + i);
-    const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    _mm512_mask_storeu_ps(e + i, live, _mm512_maskz_mov_ps(finite, exp_nonpositive(_mm512_sub_ps(x, highest))));
-  }
+  exp_shifted(e, V, highest, e);
   if (top_k < V) {  // the buckets from the top until k tokens, then the k - above largest of the last
     std::fill(count.begin(), count.end(), 0);
     for (int64_t i = 0; i < V; ++i) ++count[bucket_of(e[i])];
@@ -409,4 +474,4 @@ TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("sample_rows", &sample_rows);
 }
-#endif  // AVX512-BF16
+#endif  // AVX2 + FMA

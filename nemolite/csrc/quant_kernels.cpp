@@ -39,7 +39,7 @@ inline float to_float(c10::Half v) { return static_cast<float>(v); }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // Activation rows quantized to int8 blocks, block-major so that the rows of one block sit together:
-// q [K/32, M, 32], d [K/32, M] (scale), s [K/32, M] (d * sum q), and gs [groups, M]: s summed over
+// q [K/32, M, 32], d [K/32, M] (scale), s [K/32, M] (d * sum q), and gs [M, groups]: s summed over
 // each weight group (the int4 zero point's term is one multiply-add per group and row).
 struct QuantizedRows {
   int64_t M = 0, K = 0, KB = 0;
@@ -52,7 +52,26 @@ struct QuantizedRows {
     const int64_t groups = KB / group_blocks;
     gs.assign(groups * M, 0.f);
     for (int64_t b = 0; b < KB; ++b)
-      for (int64_t m = 0; m < M; ++m) gs[(b / group_blocks) * M + m] += s[b * M + m];
+      for (int64_t m = 0; m < M; ++m) gs[m * groups + b / group_blocks] += s[b * M + m];
+  }
+  // The int4 SIMD path reads two blocks (2p, 2p + 1) at a time: one 32-byte load of their packed
+  // weights holds both blocks' columns 0-15 in its low nibbles and columns 16-31 in its high ones,
+  // so each row's pair is laid out to match, as 64 bytes: columns 0-15 of both blocks, then 16-31
+  // of both (pairs [ceil(KB/2), M, 64]; an odd last block leaves its partner's bytes zero). Its
+  // scales row-major too (dr [M, KB]), for the per-row products with the weight scales.
+  std::vector<int8_t> pairs;
+  std::vector<float> dr;
+  const int8_t* pair_q(int64_t p, int64_t m) const { return pairs.data() + (p * M + m) * 2 * QK; }
+  void pair_blocks() {
+    pairs.assign(((KB + 1) / 2) * M * 2 * QK, 0);
+    dr.resize(M * KB);
+    for (int64_t b = 0; b < KB; ++b)
+      for (int64_t m = 0; m < M; ++m) {
+        int8_t* slot = pairs.data() + ((b / 2) * M + m) * 2 * QK + (b % 2) * (QK / 2);
+        std::memcpy(slot, block_q(b, m), QK / 2);
+        std::memcpy(slot + QK, block_q(b, m) + QK / 2, QK / 2);
+        dr[m * KB + b] = block_d(b, m);
+      }
   }
 };
 
@@ -85,11 +104,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
-inline int32_t hsum(__m256i v) {
-  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+inline int32_t hsum(__m128i r) {
   r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4E));
   r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xB1));
   return _mm_cvtsi128_si32(r);
+}
+
+inline int32_t hsum(__m256i v) {
+  return hsum(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }
 
 // The same block quantization, 8 lanes at a time (round to nearest even both ways).
@@ -130,12 +152,29 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-// 32 int4 values of one block, in column order: bytes 0..15 low nibbles, then high nibbles.
-inline __m256i unpack_nibbles(const uint8_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+// Sums over each group of four bytes of u0 x s0 + u1 x s1 (u unsigned, s signed), 8 int32 lanes. The
+// int16 sum of the two vpmaddubsw results stays below 2^15 when u <= 15 and |s| <= 127 (int4 x int8).
+inline __m256i dot2_u4s8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+#else
+  const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
+  return _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
+#endif
 }
+
+inline __m128i dot2_u4s8(__m128i u0, __m128i s0, __m128i u1, __m128i s1) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm_dpbusd_epi32(_mm_dpbusd_epi32(_mm_setzero_si128(), u0, s0), u1, s1);
+#elif defined(__AVXVNNI__)
+  return _mm_dpbusd_avx_epi32(_mm_dpbusd_avx_epi32(_mm_setzero_si128(), u0, s0), u1, s1);
+#else
+  return _mm_madd_epi16(_mm_add_epi16(_mm_maddubs_epi16(u0, s0), _mm_maddubs_epi16(u1, s1)), _mm_set1_epi16(1));
+#endif
+}
+
 #endif  // NEMOLITE_AVX2
 
 template <typename T>
@@ -184,57 +223,102 @@ inline void row_scales(const S* in, int64_t count, float* out) {
 // ---- int4: w = s (q - 8) without mins, w = s q + min with them ---------------------------------
 // sf / zf: the row's scales and zero terms (-8 s, or the min) as floats, one per group.
 
+// The scalar path (reference, and CPUs without AVX2).
 template <int R>
 void int4_row(const uint8_t* w, const float* sf, const float* zf, int64_t KB, int64_t group_blocks,
-              const QuantizedRows& x, int64_t m0, bool reference, float* out) {
+              const QuantizedRows& x, int64_t m0, float* out) {
   float total[R] = {};
-#ifdef NEMOLITE_AVX2
-  if (!reference) {
-    __m256 acc[R], odd[R];  // two chains per row: a block's FMA need not wait for the previous block's
-    for (int r = 0; r < R; ++r) acc[r] = odd[r] = _mm256_setzero_ps();
-    // a block's group by a shift where the group is 32 << k columns (every group size nemolite and GGUF
-    // write), by a division otherwise
-    const bool power_of_two = (group_blocks & (group_blocks - 1)) == 0;
-    const int shift = __builtin_ctzll(static_cast<unsigned long long>(group_blocks));
-    auto scale_of = [&](int64_t b) { return sf[power_of_two ? (b >> shift) : (b / group_blocks)]; };
-    int64_t b = 0;
-    for (; b + 2 <= KB; b += 2) {
-      const __m256i q0 = unpack_nibbles(w + b * (QK / 2)), q1 = unpack_nibbles(w + (b + 1) * (QK / 2));
-      const float s0 = scale_of(b), s1 = scale_of(b + 1);
-      for (int r = 0; r < R; ++r) {
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b, m0 + r)));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b + 1, m0 + r)));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q0, x0)), _mm256_set1_ps(s0 * x.block_d(b, m0 + r)), acc[r]);
-        odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q1, x1)), _mm256_set1_ps(s1 * x.block_d(b + 1, m0 + r)), odd[r]);
-      }
-    }
-    for (; b < KB; ++b) {
-      const __m256i q0 = unpack_nibbles(w + b * (QK / 2));
-      const float s0 = scale_of(b);
-      for (int r = 0; r < R; ++r) {
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b, m0 + r)));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q0, x0)), _mm256_set1_ps(s0 * x.block_d(b, m0 + r)), acc[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) total[r] = hsum(_mm256_add_ps(acc[r], odd[r]));
-  } else
-#endif
-  {
-    for (int64_t b = 0; b < KB; ++b) {
-      const float scale = sf[b / group_blocks];
-      for (int r = 0; r < R; ++r) {
-        const int32_t dot = dot_scalar(w + b * (QK / 2), x.block_q(b, m0 + r), 0, QK);
-        total[r] += static_cast<float>(dot) * (scale * x.block_d(b, m0 + r));
-      }
+  for (int64_t b = 0; b < KB; ++b) {
+    const float scale = sf[b / group_blocks];
+    for (int r = 0; r < R; ++r) {
+      const int32_t dot = dot_scalar(w + b * (QK / 2), x.block_q(b, m0 + r), 0, QK);
+      total[r] += static_cast<float>(dot) * (scale * x.block_d(b, m0 + r));
     }
   }
   const int64_t groups = KB / group_blocks;
   for (int r = 0; r < R; ++r) {
     float offset = 0.f;
-    for (int64_t g = 0; g < groups; ++g) offset += zf[g] * x.gs[g * x.M + m0 + r];
+    for (int64_t g = 0; g < groups; ++g) offset += zf[g] * x.gs[(m0 + r) * groups + g];
     out[r] = total[r] + offset;
   }
 }
+
+#ifdef NEMOLITE_AVX2
+// The SIMD int4 path: two blocks a step from one 32-byte load (QuantizedRows::pair_blocks), each
+// step's int32 sums (lanes 0-3 block 2p, 4-7 block 2p + 1) scaled by the blocks' products of weight
+// and activation scale (combined: [R, KB] scratch) into two accumulators per row, so that one
+// step's FMA does not wait for the last. About half the instructions per block of int4_row.
+template <int R>
+void int4_row_paired(const uint8_t* w, const float* sf, const float* zf, int64_t KB, int64_t group_blocks,
+                     const QuantizedRows& x, int64_t m0, float* combined, float* out) {
+  const bool power_of_two = (group_blocks & (group_blocks - 1)) == 0;
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(group_blocks));
+  for (int r = 0; r < R; ++r) {
+    const float* d = x.dr.data() + (m0 + r) * KB;
+    float* c = combined + r * KB;
+    int64_t b = 0;
+    if (group_blocks == 1)
+      for (; b + 8 <= KB; b += 8) _mm256_storeu_ps(c + b, _mm256_mul_ps(_mm256_loadu_ps(sf + b), _mm256_loadu_ps(d + b)));
+    for (; b < KB; ++b) c[b] = sf[power_of_two ? (b >> shift) : (b / group_blocks)] * d[b];
+  }
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const int64_t stride = x.M * 2 * QK;  // bytes from one pair of an activation row to its next
+  const int8_t* xq0 = x.pairs.data() + m0 * 2 * QK;
+  __m256 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  // pair p's scales: lanes 0-3 block 2p's product, 4-7 block 2p + 1's, permuted out of the 8 products
+  // of the four pairs from p & ~3
+  auto step = [&](int64_t p, const __m256* scales, __m256i lanes, __m256* sums) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * QK));
+    const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+    const int8_t* xq = xq0 + p * stride;
+    for (int r = 0; r < R; ++r) {
+      const __m256i* xr = reinterpret_cast<const __m256i*>(xq + r * 2 * QK);
+      const __m256i dot = dot2_u4s8(lo, _mm256_loadu_si256(xr), hi, _mm256_loadu_si256(xr + 1));
+      sums[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(scales[r], lanes), sums[r]);
+    }
+  };
+  const __m256i lanes0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), lanes1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  const __m256i lanes2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), lanes3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+  const int64_t KP = KB / 2;
+  __m256 scales[R];
+  int64_t p = 0;
+  for (; p + 4 <= KP; p += 4) {
+    for (int r = 0; r < R; ++r) scales[r] = _mm256_loadu_ps(combined + r * KB + 2 * p);
+    step(p, scales, lanes0, acc[0]);
+    step(p + 1, scales, lanes1, acc[1]);
+    step(p + 2, scales, lanes2, acc[0]);
+    step(p + 3, scales, lanes3, acc[1]);
+  }
+  for (; p < KP; ++p) {  // fewer than four pairs left: each pair's two products
+    for (int r = 0; r < R; ++r) scales[r] = _mm256_castps128_ps256(_mm_loadu_ps(combined + r * KB + 2 * p));
+    step(p, scales, lanes0, acc[p % 2]);
+  }
+  float tail[R] = {};
+  if (KB % 2) {  // the last block alone, 16 bytes
+    const int64_t b = KB - 1;
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * (QK / 2)));
+    const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xq = x.pair_q(KP, m0 + r);
+      const __m128i dot = dot2_u4s8(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)), hi,
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + QK)));
+      tail[r] = static_cast<float>(hsum(dot)) * combined[r * KB + b];
+    }
+  }
+  const int64_t groups = KB / group_blocks;
+  for (int r = 0; r < R; ++r) {  // the zero points' term: zf . gs, 8 groups at a time
+    const float* gs = x.gs.data() + (m0 + r) * groups;
+    __m256 sum = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(zf + g), _mm256_loadu_ps(gs + g), sum);
+    float offset = hsum(sum);
+    for (; g < groups; ++g) offset += zf[g] * gs[g];
+    out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + tail[r] + offset;
+  }
+}
+#endif
 
 // ---- int8: w = s q, one scale per `group` columns (16, a multiple of 32, or the whole row) -----
 // sf: the row's scales as floats.
@@ -291,12 +375,12 @@ void int8_row(const int8_t* w, const float* sf, int64_t K, int64_t group, const 
 // One weight row against R activation rows; R is a template argument so that accumulators stay in registers.
 template <int R>
 void weight_row(bool int4, const uint8_t* w, const float* sf, const float* zf, int64_t K, int64_t group,
-                const QuantizedRows& x, int64_t m0, bool reference, float* out) {
-  if (int4) {
-    int4_row<R>(w, sf, zf, K / QK, group / QK, x, m0, reference, out);
-  } else {
-    int8_row<R>(reinterpret_cast<const int8_t*>(w), sf, K, group, x, m0, reference, out);
-  }
+                const QuantizedRows& x, int64_t m0, bool reference, float* combined, float* out) {
+  if (!int4) return int8_row<R>(reinterpret_cast<const int8_t*>(w), sf, K, group, x, m0, reference, out);
+#ifdef NEMOLITE_AVX2
+  if (!reference) return int4_row_paired<R>(w, sf, zf, K / QK, group / QK, x, m0, combined, out);
+#endif
+  int4_row<R>(w, sf, zf, K / QK, group / QK, x, m0, out);
 }
 
 template <typename S>
@@ -305,27 +389,29 @@ void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* s
   const int64_t groups = K / group;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[MAX_ROWS];
-    std::vector<float> sf(groups), zf(groups);
+    std::vector<float> sf(groups), zf(groups), combined(MAX_ROWS * (K / QK) + 8);  // + 8: a tail step reads 4
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* w = W + n * row_bytes;
       row_scales(scales + n * groups, groups, sf.data());
       if (int4 && mins) {
         row_scales(mins + n * groups, groups, zf.data());
       } else if (int4) {
+#pragma omp simd
         for (int64_t g = 0; g < groups; ++g) zf[g] = -8.f * sf[g];
       }
       for (int64_t m0 = 0; m0 < x.M; m0 += MAX_ROWS) {
         const int64_t rows = std::min<int64_t>(MAX_ROWS, x.M - m0);
         const float *s = sf.data(), *z = zf.data();
+        float* c = combined.data();
         switch (rows) {
-          case 1: weight_row<1>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 2: weight_row<2>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 3: weight_row<3>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 4: weight_row<4>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 5: weight_row<5>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 6: weight_row<6>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          case 7: weight_row<7>(int4, w, s, z, K, group, x, m0, reference, out); break;
-          default: weight_row<8>(int4, w, s, z, K, group, x, m0, reference, out); break;
+          case 1: weight_row<1>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          case 2: weight_row<2>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          case 3: weight_row<3>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          case 4: weight_row<4>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          case 5: weight_row<5>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          case 6: weight_row<6>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          case 7: weight_row<7>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          default: weight_row<8>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
         }
         for (int64_t r = 0; r < rows; ++r) Y[(m0 + r) * N + n] = out[r];
       }
@@ -361,6 +447,9 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
       ? quantize_rows(x.data_ptr<float>(), M, K, reference)
       : quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, reference);
   if (int4) rows.sum_groups(group / QK);
+#ifdef NEMOLITE_AVX2
+  if (int4 && !reference) rows.pair_blocks();
+#endif
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   const uint8_t* W = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const int64_t row_bytes = qweight.size(1);

@@ -56,14 +56,19 @@ def run(ops, layer: QuantizedLinear, x: torch.Tensor, reference: bool = False) -
 LAYOUTS = [("int8", None, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True), ("int4", 128, False)]
 
 
-@pytest.mark.parametrize("method, group, symmetric", LAYOUTS)
+# The int4 kernel takes blocks in pairs, four pairs a step: 256 columns is one step; 224 (7 blocks) leaves
+# three pairs and an odd block, 384 (12 blocks) a step and two pairs.
+SHAPES = [(*layout, columns) for layout in LAYOUTS for columns in (256, 224, 384) if columns % (layout[1] or 32) == 0]
+
+
+@pytest.mark.parametrize("method, group, symmetric, columns", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_its_scalar_path_and_the_python_model(ops, method, group, symmetric, rows, dtype):
-    generator = torch.Generator().manual_seed(rows * 7 + (group or 0))
-    weight = torch.randn(72, 256, generator=generator) * 0.05
+def test_kernel_matches_its_scalar_path_and_the_python_model(ops, method, group, symmetric, columns, rows, dtype):
+    generator = torch.Generator().manual_seed(rows * 7 + (group or 0) + columns)
+    weight = torch.randn(72, columns, generator=generator) * 0.05
     layer = quantize_weight(weight, method, group, symmetric)
-    x = (torch.randn(rows, 256, generator=generator) * 3).to(dtype)
+    x = (torch.randn(rows, columns, generator=generator) * 3).to(dtype)
     simd, scalar = run(ops, layer, x), run(ops, layer, x, reference=True)
     assert simd.dtype == dtype and simd.shape == (rows, 72)
     expected = python_reference(layer, x.float())
