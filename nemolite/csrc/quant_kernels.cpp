@@ -383,9 +383,10 @@ void weight_row(bool int4, const uint8_t* w, const float* sf, const float* zf, i
   int4_row<R>(w, sf, zf, K / QK, group / QK, x, m0, out);
 }
 
-template <typename S>
+// Y [M, N] in the activations' dtype (fp32 sums rounded once, as a cast of the fp32 result would).
+template <typename S, typename T>
 void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* scales, const S* mins,
-                      int64_t N, int64_t K, int64_t group, const QuantizedRows& x, bool reference, float* Y) {
+                      int64_t N, int64_t K, int64_t group, const QuantizedRows& x, bool reference, T* Y) {
   const int64_t groups = K / group;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[MAX_ROWS];
@@ -413,7 +414,7 @@ void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* s
           case 7: weight_row<7>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
           default: weight_row<8>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
         }
-        for (int64_t r = 0; r < rows; ++r) Y[(m0 + r) * N + n] = out[r];
+        for (int64_t r = 0; r < rows; ++r) Y[(m0 + r) * N + n] = static_cast<T>(out[r]);
       }
     }
   });
@@ -439,6 +440,16 @@ void check_layer(const torch::Tensor& x, const torch::Tensor& qweight, const tor
   }
 }
 
+// fn(scales, mins) with typed pointers: fp16 or fp32 scales, mins null when absent.
+template <typename F>
+void with_scales(const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins, F&& fn) {
+  if (scales.scalar_type() == torch::kHalf) {
+    fn(scales.data_ptr<c10::Half>(), mins ? mins->data_ptr<c10::Half>() : static_cast<c10::Half*>(nullptr));
+  } else {
+    fn(scales.data_ptr<float>(), mins ? mins->data_ptr<float>() : static_cast<float*>(nullptr));
+  }
+}
+
 torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                                c10::optional<torch::Tensor> mins, int64_t group, bool int4, bool reference) {
   check_layer(x, qweight, scales, mins, group, int4);
@@ -450,18 +461,19 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
 #ifdef NEMOLITE_AVX2
   if (int4 && !reference) rows.pair_blocks();
 #endif
-  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  auto y = torch::empty({M, N}, x.options());
   const uint8_t* W = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const int64_t row_bytes = qweight.size(1);
-  if (scales.scalar_type() == torch::kHalf) {
-    quantized_matmul<c10::Half>(int4, W, row_bytes, scales.data_ptr<c10::Half>(),
-                                mins ? mins->data_ptr<c10::Half>() : nullptr, N, K, group, rows, reference,
-                                y.data_ptr<float>());
-  } else {
-    quantized_matmul<float>(int4, W, row_bytes, scales.data_ptr<float>(), mins ? mins->data_ptr<float>() : nullptr,
-                            N, K, group, rows, reference, y.data_ptr<float>());
-  }
-  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
+  auto run = [&](auto* typed_scales, auto* typed_mins) {
+    if (x.scalar_type() == torch::kFloat) {
+      quantized_matmul(int4, W, row_bytes, typed_scales, typed_mins, N, K, group, rows, reference, y.data_ptr<float>());
+    } else {
+      quantized_matmul(int4, W, row_bytes, typed_scales, typed_mins, N, K, group, rows, reference,
+                       y.data_ptr<c10::BFloat16>());
+    }
+  };
+  with_scales(scales, mins, run);
+  return y;
 }
 
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group_size,
@@ -532,11 +544,7 @@ torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optio
       dequantize_rows(int4, W, qweight.size(1), typed_scales, typed_mins, N, K, group_size, out.data_ptr<float>());
     }
   };
-  if (scales.scalar_type() == torch::kHalf) {
-    run(scales.data_ptr<c10::Half>(), mins ? mins->data_ptr<c10::Half>() : static_cast<c10::Half*>(nullptr));
-  } else {
-    run(scales.data_ptr<float>(), mins ? mins->data_ptr<float>() : static_cast<float*>(nullptr));
-  }
+  with_scales(scales, mins, run);
   return out;
 }
 

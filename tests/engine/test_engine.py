@@ -140,6 +140,19 @@ def test_compiled_decode_equals_eager(nemotron_dir, alone):
     assert llm.engine.runner.decoder.compiled_buckets == {1, 2}
 
 
+def test_two_compiled_engines_in_one_process_keep_their_own_graphs(nemotron_dir, llama_dir, alone):
+    """Both engines trace the same code; once warm they skip all but the guards that tell graphs apart, so
+    each step must still run its own engine's graph (different weights, different vocabularies)."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llama_eager = LLM(llama_dir, dtype="float32", device=DEVICE).generate(PROMPTS[:3], params, use_tqdm=False)
+    nemotron = LLM(nemotron_dir, dtype="float32", device=DEVICE, compile=True)
+    llama = LLM(llama_dir, dtype="float32", device=DEVICE, compile=True)
+    for _ in range(2):  # the second round runs every graph warm
+        assert token_ids(nemotron.generate(PROMPTS[:1], params_for(0), use_tqdm=False)) == alone[:1]
+        assert token_ids(llama.generate(PROMPTS[:3], params, use_tqdm=False)) == token_ids(llama_eager)
+        assert token_ids(nemotron.generate(PROMPTS[:2], [params_for(0), params_for(1)], use_tqdm=False)) == alone[:2]
+
+
 def test_kv_budget_flags(nemotron_dir):
     from nemolite.errors import NemoliteError
 
