@@ -21,6 +21,7 @@ from nemolite.config import ModelConfig, load_config
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
 from nemolite.parallel.tensor import shard_slice
+from nemolite.progress import Progress
 from nemolite.quant.model import fused_bias, install, is_linear, quantizable_linears, quantize_model, quantize_module
 
 SAFETENSORS_DTYPES = {
@@ -209,9 +210,17 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
         module.weight.data = module.weight.data.new_empty((0,) + tuple(module.weight.shape[1:]))
     plain = {name: entry for name, entry in entries.items() if name in params and name not in layers}
     move_to_huge_pages([params[name].data for name in plain], copy=False)  # faster streaming on the CPU
-    with torch.no_grad(), _Files() as files, _FloatBuffersReturned(bool(layers)):
+    layer_bytes = {name: sum(e.num_bytes for e in packed[name].entries.values()) if name in packed
+                   else entries[name].num_bytes for name in layers}
+    whole_model = not model.parallel.distributed  # a rank reads only its shards: counts, no totals, no bar
+    progress = Progress(f"loading {path.name}" + (f" ({quantization})" if quantization is not None else ""),
+                        total=len(plain) + len(layers) if whole_model else None,
+                        total_bytes=sum(e.num_bytes for e in plain.values()) + sum(layer_bytes.values())
+                        if whole_model else None, bar=None if whole_model else False)
+    with torch.no_grad(), _Files() as files, _FloatBuffersReturned(bool(layers)), progress:
         for name, entry in _by_file_offset(plain):  # everything else first: a quantized layer's bias is needed
             _read_part(name, entry, params[name].data, config, model.parallel, files)
+            progress.update(1, entry.num_bytes)
         for name in sorted(layers, key=lambda n: _first_offset(packed.get(n) or entries[n])):
             module_name, module = layers[name]
             shape = tuple(shapes[name])
@@ -226,6 +235,7 @@ def load_hf_model(path: str | Path, dtype: str | torch.dtype = "auto",
                 quantized = quantize_module(module, quantization, weight=buffer)
                 del buffer
             install(model, module_name, module, quantized.to(device))
+            progress.update(1, layer_bytes[name])
         if quantization is not None:  # a tied LM head (quantized from the embedding), layers a format left float:
             quantize_model(model, quantization)  # what is installed already has no float weight and is skipped
     return model.eval()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -267,34 +268,54 @@ class CompressedTensors(Format):
             raise self.fail(f"format {sorted(formats) or '(none)'} (one of float-quantized, pack-quantized, "
                             "int-quantized, naive-quantized is needed)")
         self.format = formats.pop()
-        schemes = [g.get("weights") for g in groups.values() if isinstance(g, dict) and g.get("weights")]
-        if not schemes:
+        # (targets, weight args) per config group; each layer takes the group that names it best
+        # (compressed-tensors' order: its exact name, then a "re:" pattern, then a class such as Linear),
+        # so a file may hold int4 layers and an int8 head, as `nemolite convert --quantization int4-head` writes.
+        self.groups = [(g.get("targets") or [], g["weights"]) for g in groups.values()
+                       if isinstance(g, dict) and g.get("weights")]
+        for targets, args in self.groups:
+            if not isinstance(args, dict) or not isinstance(targets, list) or \
+                    not all(isinstance(t, str) for t in targets):
+                raise NemoliteError(f"{path}: a config group of quantization_config needs a list of target names "
+                                    "and a dict of weight arguments")
+        if not self.groups:
             raise self.fail("a config without weight quantization")
-        self.schemes = schemes
-        args = schemes[0]
-        self.bits, self.type = int(args.get("num_bits", 8)), args.get("type", "int")
-        self.strategy = args.get("strategy")
-        self.block = tuple(args["block_structure"]) if args.get("block_structure") else None
-        if any((s.get("num_bits"), s.get("type"), s.get("strategy")) != (args.get("num_bits"), self.type, self.strategy)
-               for s in schemes):
-            raise self.fail("mixed weight schemes across config_groups")
+        for _, args in self.groups:
+            self.check(args)
+        self.marker, self.suffixes = {
+            "float-quantized": ("weight_scale", ("weight", "weight_scale")),
+            "pack-quantized": ("weight_packed", ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+                                                 "weight_g_idx")),
+        }.get(self.format, ("weight_scale", ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")))
+
+    def check(self, args: dict) -> None:
+        bits, kind, strategy = int(args.get("num_bits", 8)), args.get("type", "int"), args.get("strategy")
         if self.format == "float-quantized":
-            if self.type != "float" or self.bits != 8:
-                raise self.fail(f"float-quantized {self.type} {self.bits}-bit weights (FP8 e4m3 is)")
-            self.marker, self.suffixes = "weight_scale", ("weight", "weight_scale")
+            if kind != "float" or bits != 8:
+                raise self.fail(f"float-quantized {kind} {bits}-bit weights (FP8 e4m3 is)")
         elif self.format == "pack-quantized":
-            if self.type != "int" or self.bits not in (4, 8):
-                raise self.fail(f"pack-quantized {self.type} {self.bits}-bit weights (int4/int8 are)")
-            self.marker = "weight_packed"
-            self.suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+            if kind != "int" or bits not in (4, 8):
+                raise self.fail(f"pack-quantized {kind} {bits}-bit weights (int4/int8 are)")
         elif self.format in ("int-quantized", "naive-quantized"):
-            if self.type != "int" or self.bits != 8:
-                raise self.fail(f"{self.format} {self.type} {self.bits}-bit weights (int8 is)")
-            self.marker, self.suffixes = "weight_scale", ("weight", "weight_scale", "weight_zero_point", "weight_g_idx")
+            if kind != "int" or bits != 8:
+                raise self.fail(f"{self.format} {kind} {bits}-bit weights (int8 is)")
         else:
             raise self.fail(f"format {self.format!r}")
-        if self.strategy not in ("tensor", "channel", "group", "block"):
-            raise self.fail(f"weight strategy {self.strategy!r}")
+        if strategy not in ("tensor", "channel", "group", "block"):
+            raise self.fail(f"weight strategy {strategy!r}")
+
+    def scheme(self, prefix: str) -> dict:
+        """The weight args of the config group that targets layer ``prefix``."""
+        def rank(targets: list[str]) -> int:
+            if prefix in targets:
+                return 0
+            if any(t.startswith("re:") and re.match(t[3:], prefix) for t in targets):
+                return 1
+            return 2 if "Linear" in targets else 3  # every layer read here is a Linear
+        best = min(self.groups, key=lambda group: rank(group[0]))
+        if rank(best[0]) == 3:
+            raise NemoliteError(f"{self.path}: no config group of quantization_config targets layer {prefix}")
+        return best[1]
 
     def shape(self, prefix, own):
         if self.format != "pack-quantized":
@@ -312,25 +333,28 @@ class CompressedTensors(Format):
     def decode(self, layer, t):
         n, k = layer.shape
         g_idx = t.get("weight_g_idx")
+        args = self.scheme(layer.prefix)
+        bits = int(args.get("num_bits", 8))
         if self.format == "float-quantized":
             if g_idx is not None:
                 raise self.fail("FP8 with activation order")
-            return Float(t["weight"].float() * expand_scale(t["weight_scale"], n, k, self.block))
-        offset = 2 ** (self.bits - 1)
+            block = tuple(args["block_structure"]) if args.get("block_structure") else None
+            return Float(t["weight"].float() * expand_scale(t["weight_scale"], n, k, block))
+        offset = 2 ** (bits - 1)
         scales = t["weight_scale"].float()
         if scales.numel() == 1 or (scales.dim() == 2 and scales.shape[1] == 1) or scales.dim() == 1:
             scales = expand_scale(scales, n, 1).expand(n, 1)  # per tensor / per channel: one group of K
-        elif self.strategy == "block":
+        elif args.get("strategy") == "block":
             raise self.fail("block-wise int weights")
         zero = t.get("weight_zero_point")
         if self.format == "pack-quantized":
-            values = unpack_int32(t["weight_packed"], self.bits, 1)[:, :k]
+            values = unpack_int32(t["weight_packed"], bits, 1)[:, :k]
             if zero is not None and zero.dtype == torch.int32 and zero.shape[0] != n:  # packed along N
-                zero = unpack_int32(zero, self.bits, 0)[:n] - offset
+                zero = unpack_int32(zero, bits, 0)[:n] - offset
         else:
             values = t["weight"].to(torch.int32) + offset
         zeros = None if zero is None else (zero.to(torch.int32).reshape(n, -1) + offset).expand(n, scales.shape[1])
-        return grouped(values, scales, zeros, g_idx, self.bits)
+        return grouped(values, scales, zeros, g_idx, bits)
 
 
 # -- ModelOpt -----------------------------------------------------------------------------------------------

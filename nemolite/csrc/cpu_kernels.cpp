@@ -267,13 +267,58 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   });
 }
 
+// The bf16 case's inner loops, for head_dim % BF16_HEAD_DIM == 0. q.k: AVX512-BF16 takes the bf16
+// query as it is (vdpbf16ps, 32 products an instruction), AVX2 its fp32 copy against the key widened 8
+// at a time; p.v: fp32 FMAs over the value row widened 16 (8) at a time.
 #ifdef NEMOLITE_AVX512_BF16
+constexpr int64_t BF16_HEAD_DIM = 32;
 static inline __m512 bf16x16_to_float(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// The bf16 case with AVX512-BF16, for head_dim % 32 == 0: q.k with vdpbf16ps (32 products per
-// instruction, fp32 sums), p.v with fp32 FMAs over rows widened 16 at a time.
+static inline float dot_bf16(const uint16_t* q, const float*, const uint16_t* k, int64_t D) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32)
+    sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+  return _mm512_reduce_add_ps(sum);
+}
+
+// acc[i * D : (i + 1) * D] += p[i * n] * v for each of the heads i < count
+static inline void add_scaled_bf16(float* acc, const float* p, int64_t n, int64_t count, const uint16_t* v, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 row = bf16x16_to_float(v + d);
+    for (int64_t i = 0; i < count; ++i) {
+      float* a = acc + i * D + d;
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[i * n]), row, _mm512_loadu_ps(a)));
+    }
+  }
+}
+#else
+constexpr int64_t BF16_HEAD_DIM = 8;
+static inline float dot_bf16(const uint16_t*, const float* q, const uint16_t* k, int64_t D) {
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    even = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), bf16x8_to_float(k + d), even);
+    odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), bf16x8_to_float(k + d + 8), odd);
+  }
+  if (d < D) even = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), bf16x8_to_float(k + d), even);
+  return reduce_add8(_mm256_add_ps(even, odd));
+}
+
+static inline void add_scaled_bf16(float* acc, const float* p, int64_t n, int64_t count, const uint16_t* v, int64_t D) {
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 row = bf16x8_to_float(v + d);
+    for (int64_t i = 0; i < count; ++i) {
+      float* a = acc + i * D + d;
+      _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[i * n]), row, _mm256_loadu_ps(a)));
+    }
+  }
+}
+#endif
+
+// The bf16 case: one task per (sequence, KV head), each cached row slice read once for the group's
+// query heads, fp32 scores, softmax and sums.
 void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& slots, const torch::Tensor& lengths, const torch::Tensor& new_k,
                            const torch::Tensor& new_v, double scale, torch::Tensor& out) {
@@ -289,44 +334,30 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k_cache,
   uint16_t* O = reinterpret_cast<uint16_t*>(out.data_ptr());
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(per_group * D), scores;
+    std::vector<float> acc(per_group * D), qf(per_group * D), scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / G, g = task % G;
       const int64_t length = std::min<int64_t>(std::max<int64_t>(LEN[b], 0), S);
       const int64_t n = length + 1;
       scores.resize(per_group * n);
       const uint16_t* q0 = Q + (b * H + g * per_group) * D;
+      for (int64_t x = 0; x < per_group * D; x += 8) _mm256_storeu_ps(qf.data() + x, bf16x8_to_float(q0 + x));
       for (int64_t j = 0; j < n; ++j) {
         const uint16_t* k = j < length ? KC + (SL[b * S + j] * G + g) * D : NK + (b * G + g) * D;
-        for (int64_t i = 0; i < per_group; ++i) {
-          const uint16_t* qi = q0 + i * D;
-          __m512 sum = _mm512_setzero_ps();
-          for (int64_t d = 0; d < D; d += 32)
-            sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(qi + d), (__m512bh)_mm512_loadu_si512(k + d));
-          scores[i * n + j] = _mm512_reduce_add_ps(sum) * fscale;
-        }
+        for (int64_t i = 0; i < per_group; ++i)
+          scores[i * n + j] = dot_bf16(q0 + i * D, qf.data() + i * D, k, D) * fscale;
       }
       softmax_rows(scores.data(), per_group, n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const uint16_t* v = j < length ? VC + (SL[b * S + j] * G + g) * D : NV + (b * G + g) * D;
-        for (int64_t d = 0; d < D; d += 16) {
-          const __m512 row = bf16x16_to_float(v + d);
-          for (int64_t i = 0; i < per_group; ++i) {
-            float* a = acc.data() + i * D + d;
-            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[i * n + j]), row, _mm512_loadu_ps(a)));
-          }
-        }
+        add_scaled_bf16(acc.data(), scores.data() + j, n, per_group, v, D);
       }
-      for (int64_t i = 0; i < per_group; ++i)
-        for (int64_t d = 0; d < D; d += 16)
-          _mm256_storeu_si256((__m256i*)(O + (b * H + g * per_group + i) * D + d),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc.data() + i * D + d)));
+      uint16_t* o = O + (b * H + g * per_group) * D;
+      for (int64_t x = 0; x < per_group * D; ++x) o[x] = bf16_bits(acc[x]);
     }
   });
 }
-
-#endif
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                                torch::Tensor lengths, torch::Tensor new_k, torch::Tensor new_v, double scale) {
@@ -336,12 +367,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   q = q.contiguous(); new_k = new_k.contiguous(); new_v = new_v.contiguous();
   slots = slots.to(torch::kLong).contiguous(); lengths = lengths.to(torch::kLong).contiguous();
   auto out = torch::empty_like(q);
-#ifdef NEMOLITE_AVX512_BF16
-  if (q.scalar_type() == torch::kBFloat16 && q.size(2) % 32 == 0)
+  if (q.scalar_type() == torch::kBFloat16 && q.size(2) % BF16_HEAD_DIM == 0)
     decode_attention_bf16(q, k_cache, v_cache, slots, lengths, new_k, new_v, scale, out);
-  else
-#endif
-  if (q.scalar_type() == torch::kBFloat16)
+  else if (q.scalar_type() == torch::kBFloat16)
     decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, slots, lengths, new_k, new_v, scale, out);
   else {
     TORCH_CHECK(q.scalar_type() == torch::kFloat, "decode_attention: bf16 or fp32");

@@ -176,14 +176,15 @@ def test_transformers_loads_the_converted_checkpoint(source, tmp_path, spec):
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
-def test_nemolite_loads_the_converted_checkpoint_without_requantising(source, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spec", ["int4-g128", "int4-head"])  # -head: int4 layers and an int8 head, two config groups
+def test_nemolite_loads_the_converted_checkpoint_without_requantising(source, tmp_path, monkeypatch, spec):
     pytest.importorskip("nemolite.checkpoint.hf_quant")  # the compressed-tensors reader
     from nemolite import LLM
     from nemolite.quant import model as quant_model
 
     destination = tmp_path / "out"
-    assert main(["convert", str(source), str(destination), "--quantization", "int4-g128"]) == 0
-    reference = LLM(source, dtype="float32", device="cpu", quantization="int4-g128").engine.model
+    assert main(["convert", str(source), str(destination), "--quantization", spec]) == 0
+    reference = LLM(source, dtype="float32", device="cpu", quantization=spec).engine.model
 
     def no_quantizing(*args, **kwargs):
         raise AssertionError("a pre-quantized checkpoint was quantized again")
@@ -193,10 +194,11 @@ def test_nemolite_loads_the_converted_checkpoint_without_requantising(source, tm
     loaded = LLM(destination, dtype="float32", device="cpu").engine.model
     ours = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)}
     theirs = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
-    assert sorted(ours) == sorted(theirs) and len(ours) == 12
+    assert sorted(ours) == sorted(theirs) and len(ours) == (13 if spec.endswith("-head") else 12)
     for name, layer in ours.items():
         assert torch.equal(layer.qweight, theirs[name].qweight) and torch.equal(layer.scales, theirs[name].scales)
-        assert layer.scales.dtype == theirs[name].scales.dtype and layer.group_size == 128
+        assert layer.scales.dtype == theirs[name].scales.dtype and layer.method == theirs[name].method
+        assert layer.group_size == (layer.in_features if name == "lm_head" else parse_quantization(spec).group_size)
     ids, positions = torch.tensor([IDS]), torch.arange(len(IDS))[None]
     with torch.no_grad():
         assert torch.equal(loaded(ids, positions), reference(ids, positions))

@@ -30,6 +30,21 @@ def test_sharded_checkpoint_loads_every_tensor(tmp_path):
         assert torch.equal(state[name], tensor), name
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_loading_logs_its_progress_off_a_terminal(tmp_path, caplog, quantization):
+    from nemolite.quant import parse_quantization
+
+    directory = make_nemotron(tmp_path, tokenizer=False, max_shard_size="100KB")
+    state = reference_state(directory)
+    with caplog.at_level("INFO", logger="nemolite.progress"):
+        load_hf_model(directory, dtype="float32", quantization=parse_quantization(quantization))
+    lines = [r.getMessage() for r in caplog.records if r.name == "nemolite.progress"]
+    stage = directory.name + (f" ({quantization})" if quantization else "")
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    assert len(lines) == 1 and lines[0].startswith(f"loading {stage}: {len(state)}/{len(state)} tensors, "), lines
+    assert f"{size / 1e3:.1f} kB" in lines[0] or f"{size / 1e6:.1f} MB" in lines[0]
+
+
 def test_dtype_converted_on_load(tmp_path):
     directory = make_nemotron(tmp_path, tokenizer=False, dtype=torch.bfloat16)
     assert json.loads((directory / "config.json").read_text())["dtype"] == "bfloat16"

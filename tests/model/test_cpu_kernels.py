@@ -10,7 +10,7 @@ from nemolite.model import cpu_kernels
 @pytest.fixture(scope="module")
 def kernel():
     if not cpu_kernels.enable():
-        pytest.skip("no AVX512-BF16 CPU or no C++ compiler: the oneDNN path is used")
+        pytest.skip("no AVX2 + FMA CPU or no C++ compiler: the oneDNN path is used")
     return cpu_kernels
 
 
