@@ -267,58 +267,87 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   });
 }
 
-// The bf16 case's inner loops, for head_dim % BF16_HEAD_DIM == 0. q.k: AVX512-BF16 takes the bf16
-// query as it is (vdpbf16ps, 32 products an instruction), AVX2 its fp32 copy against the key widened 8
-// at a time; p.v: fp32 FMAs over the value row widened 16 (8) at a time.
+// The bf16 case's inner loops, one query head at a time over the positions' key / value rows, for
+// head_dim % BF16_HEAD_DIM == 0: head_scores (q.k, scaled) and head_values (the p-weighted sum of the
+// value rows, fp32). AVX512-BF16 takes the bf16 query as it is (vdpbf16ps, 32 products an
+// instruction); AVX2 its fp32 copy against rows widened 8 at a time, with the query's and the sum's
+// vectors held in registers across all positions where head_dim is 64 or 128 (a template on it).
 #ifdef NEMOLITE_AVX512_BF16
 constexpr int64_t BF16_HEAD_DIM = 32;
 static inline __m512 bf16x16_to_float(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-static inline float dot_bf16(const uint16_t* q, const float*, const uint16_t* k, int64_t D) {
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 32)
-    sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
-  return _mm512_reduce_add_ps(sum);
+static void head_scores(const uint16_t* q, const float*, const uint16_t* const* rows, int64_t n, int64_t D,
+                        float scale, float* scores) {
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32)
+      sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(rows[j] + d));
+    scores[j] = _mm512_reduce_add_ps(sum) * scale;
+  }
 }
 
-// acc[i * D : (i + 1) * D] += p[i * n] * v for each of the heads i < count
-static inline void add_scaled_bf16(float* acc, const float* p, int64_t n, int64_t count, const uint16_t* v, int64_t D) {
+static void head_values(const float* p, const uint16_t* const* rows, int64_t n, int64_t D, float* out) {
   for (int64_t d = 0; d < D; d += 16) {
-    const __m512 row = bf16x16_to_float(v + d);
-    for (int64_t i = 0; i < count; ++i) {
-      float* a = acc + i * D + d;
-      _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[i * n]), row, _mm512_loadu_ps(a)));
-    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) sum = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), bf16x16_to_float(rows[j] + d), sum);
+    _mm512_storeu_ps(out + d, sum);
   }
 }
 #else
 constexpr int64_t BF16_HEAD_DIM = 8;
-static inline float dot_bf16(const uint16_t*, const float* q, const uint16_t* k, int64_t D) {
-  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    even = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), bf16x8_to_float(k + d), even);
-    odd = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), bf16x8_to_float(k + d + 8), odd);
+
+template <int C>  // head_dim = 8 C
+static void head_scores_fixed(const float* q, const uint16_t* const* rows, int64_t n, float scale, float* scores) {
+  __m256 query[C];
+  for (int c = 0; c < C; ++c) query[c] = _mm256_loadu_ps(q + 8 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* k = rows[j];
+    __m256 even = _mm256_mul_ps(query[0], bf16x8_to_float(k)), odd = _mm256_mul_ps(query[1], bf16x8_to_float(k + 8));
+    for (int c = 2; c < C; c += 2) {
+      even = _mm256_fmadd_ps(query[c], bf16x8_to_float(k + 8 * c), even);
+      odd = _mm256_fmadd_ps(query[c + 1], bf16x8_to_float(k + 8 * c + 8), odd);
+    }
+    scores[j] = reduce_add8(_mm256_add_ps(even, odd)) * scale;
   }
-  if (d < D) even = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), bf16x8_to_float(k + d), even);
-  return reduce_add8(_mm256_add_ps(even, odd));
 }
 
-static inline void add_scaled_bf16(float* acc, const float* p, int64_t n, int64_t count, const uint16_t* v, int64_t D) {
+template <int C>
+static void head_values_fixed(const float* p, const uint16_t* const* rows, int64_t n, float* out) {
+  __m256 sum[C];
+  for (int c = 0; c < C; ++c) sum[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 weight = _mm256_set1_ps(p[j]);
+    for (int c = 0; c < C; ++c) sum[c] = _mm256_fmadd_ps(weight, bf16x8_to_float(rows[j] + 8 * c), sum[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, sum[c]);
+}
+
+static void head_scores(const uint16_t*, const float* q, const uint16_t* const* rows, int64_t n, int64_t D,
+                        float scale, float* scores) {
+  if (D == 64) return head_scores_fixed<8>(q, rows, n, scale, scores);
+  if (D == 128) return head_scores_fixed<16>(q, rows, n, scale, scores);
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), bf16x8_to_float(rows[j] + d), sum);
+    scores[j] = reduce_add8(sum) * scale;
+  }
+}
+
+static void head_values(const float* p, const uint16_t* const* rows, int64_t n, int64_t D, float* out) {
+  if (D == 64) return head_values_fixed<8>(p, rows, n, out);
+  if (D == 128) return head_values_fixed<16>(p, rows, n, out);
   for (int64_t d = 0; d < D; d += 8) {
-    const __m256 row = bf16x8_to_float(v + d);
-    for (int64_t i = 0; i < count; ++i) {
-      float* a = acc + i * D + d;
-      _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[i * n]), row, _mm256_loadu_ps(a)));
-    }
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) sum = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), bf16x8_to_float(rows[j] + d), sum);
+    _mm256_storeu_ps(out + d, sum);
   }
 }
 #endif
 
-// The bf16 case: one task per (sequence, KV head), each cached row slice read once for the group's
-// query heads, fp32 scores, softmax and sums.
+// The bf16 case: one task per (sequence, KV head); the group's query heads one after the other over
+// the task's rows (L1-resident after the first), fp32 scores, softmax and sums.
 void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                            const torch::Tensor& slots, const torch::Tensor& lengths, const torch::Tensor& new_k,
                            const torch::Tensor& new_v, double scale, torch::Tensor& out) {
@@ -335,24 +364,27 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& k_cache,
   const float fscale = static_cast<float>(scale);
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(per_group * D), qf(per_group * D), scores;
+    std::vector<const uint16_t*> keys, values;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / G, g = task % G;
       const int64_t length = std::min<int64_t>(std::max<int64_t>(LEN[b], 0), S);
-      const int64_t n = length + 1;
+      const int64_t n = length + 1;  // the cached positions, then the new token
       scores.resize(per_group * n);
+      keys.resize(n);
+      values.resize(n);
+      for (int64_t j = 0; j < length; ++j) {
+        keys[j] = KC + (SL[b * S + j] * G + g) * D;
+        values[j] = VC + (SL[b * S + j] * G + g) * D;
+      }
+      keys[length] = NK + (b * G + g) * D;
+      values[length] = NV + (b * G + g) * D;
       const uint16_t* q0 = Q + (b * H + g * per_group) * D;
       for (int64_t x = 0; x < per_group * D; x += 8) _mm256_storeu_ps(qf.data() + x, bf16x8_to_float(q0 + x));
-      for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* k = j < length ? KC + (SL[b * S + j] * G + g) * D : NK + (b * G + g) * D;
-        for (int64_t i = 0; i < per_group; ++i)
-          scores[i * n + j] = dot_bf16(q0 + i * D, qf.data() + i * D, k, D) * fscale;
-      }
+      for (int64_t i = 0; i < per_group; ++i)
+        head_scores(q0 + i * D, qf.data() + i * D, keys.data(), n, D, fscale, scores.data() + i * n);
       softmax_rows(scores.data(), per_group, n);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const uint16_t* v = j < length ? VC + (SL[b * S + j] * G + g) * D : NV + (b * G + g) * D;
-        add_scaled_bf16(acc.data(), scores.data() + j, n, per_group, v, D);
-      }
+      for (int64_t i = 0; i < per_group; ++i)
+        head_values(scores.data() + i * n, values.data(), n, D, acc.data() + i * D);
       uint16_t* o = O + (b * H + g * per_group) * D;
       for (int64_t x = 0; x < per_group * D; ++x) o[x] = bf16_bits(acc[x]);
     }
