@@ -83,9 +83,12 @@ class CompiledDecoder:
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
                                    mode="reduce-overhead" if self.cuda_graphs else None)
         self.static_caches: set[int] = set()
-        self.compiled_buckets: set[int] = set()
-        self.compiled_kinds: set[tuple[int, bool]] = set()
+        self.compiled_kinds: set[tuple[int, bool]] = set()  # (batch bucket, has context) with a graph
         self.compile_seconds = 0.0
+
+    @property
+    def compiled_buckets(self) -> set[int]:
+        return {bucket for bucket, _ in self.compiled_kinds}
 
     def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches):
         paged_kernel = input_ids.device.type == "cpu" and self.paged_kernel
@@ -127,12 +130,12 @@ class CompiledDecoder:
         # (none, or the dynamic length), nothing the guards watch changes between steps, so only the guards
         # that tell the compiled graphs apart are run; a new kind is called with every guard, and compiles.
         kind = (bucket, context_slots.shape[1] > 0)
+        new_bucket = bucket not in self.compiled_buckets
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=kind in self.compiled_kinds):
             logits, new_keys, new_values = self.graph(input_ids, positions, context_slots, context_mask,
                                                       key_caches, value_caches)
         self.compiled_kinds.add(kind)
-        if bucket not in self.compiled_buckets:
-            self.compiled_buckets.add(bucket)
+        if new_bucket:
             self.compile_seconds += time.perf_counter() - started
             log.info("compiled the decode step for batch %d in %.1f s", bucket, time.perf_counter() - started)
         return logits[:batch], dict(zip(layers, (k[:batch] for k in new_keys))), \
