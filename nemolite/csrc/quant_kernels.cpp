@@ -33,6 +33,10 @@ namespace {
 
 constexpr int64_t QK = 32;        // columns per block
 constexpr int64_t MAX_ROWS = 8;   // activation rows per pass over the weight
+// Software prefetch distance in the weight stream (into the following rows near a row's end): on the
+// 2-core AVX2 machine hardware prefetch alone lags these loops; 2 KB ahead took the bench model's 72
+// int8 linears plus its head from 18.3 to 14.4 ms, its int4 ones 5-10 % (medians, interleaved runs).
+constexpr int64_t PREFETCH_BYTES = 2048;
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
@@ -58,19 +62,21 @@ struct QuantizedRows {
   // weights holds both blocks' columns 0-15 in its low nibbles and columns 16-31 in its high ones,
   // so each row's pair is laid out to match, as 64 bytes: columns 0-15 of both blocks, then 16-31
   // of both (pairs [ceil(KB/2), M, 64]; an odd last block leaves its partner's bytes zero). Its
-  // scales row-major too (dr [M, KB]), for the per-row products with the weight scales.
+  // scales and block sums row-major too (dr, sr [M, KB]), read eight blocks at a time.
   std::vector<int8_t> pairs;
-  std::vector<float> dr;
+  std::vector<float> dr, sr;
   const int8_t* pair_q(int64_t p, int64_t m) const { return pairs.data() + (p * M + m) * 2 * QK; }
   void pair_blocks() {
     pairs.assign(((KB + 1) / 2) * M * 2 * QK, 0);
     dr.resize(M * KB);
+    sr.resize(M * KB);
     for (int64_t b = 0; b < KB; ++b)
       for (int64_t m = 0; m < M; ++m) {
         int8_t* slot = pairs.data() + ((b / 2) * M + m) * 2 * QK + (b % 2) * (QK / 2);
         std::memcpy(slot, block_q(b, m), QK / 2);
         std::memcpy(slot + QK, block_q(b, m) + QK / 2, QK / 2);
         dr[m * KB + b] = block_d(b, m);
+        sr[m * KB + b] = block_s(b, m);
       }
   }
 };
@@ -244,79 +250,104 @@ void int4_row(const uint8_t* w, const float* sf, const float* zf, int64_t KB, in
 }
 
 #ifdef NEMOLITE_AVX2
-// The SIMD int4 path: two blocks a step from one 32-byte load (QuantizedRows::pair_blocks), each
-// step's int32 sums (lanes 0-3 block 2p, 4-7 block 2p + 1) scaled by the blocks' products of weight
-// and activation scale (combined: [R, KB] scratch) into two accumulators per row, so that one
-// step's FMA does not wait for the last. About half the instructions per block of int4_row.
-template <int R>
-void int4_row_paired(const uint8_t* w, const float* sf, const float* zf, int64_t KB, int64_t group_blocks,
-                     const QuantizedRows& x, int64_t m0, float* combined, float* out) {
-  const bool power_of_two = (group_blocks & (group_blocks - 1)) == 0;
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(group_blocks));
-  for (int r = 0; r < R; ++r) {
-    const float* d = x.dr.data() + (m0 + r) * KB;
-    float* c = combined + r * KB;
-    int64_t b = 0;
-    if (group_blocks == 1)
-      for (; b + 8 <= KB; b += 8) _mm256_storeu_ps(c + b, _mm256_mul_ps(_mm256_loadu_ps(sf + b), _mm256_loadu_ps(d + b)));
-    for (; b < KB; ++b) c[b] = sf[power_of_two ? (b >> shift) : (b / group_blocks)] * d[b];
-  }
+inline __m256 load8_values(const float* v) { return _mm256_loadu_ps(v); }
+inline __m256 load8_values(const c10::Half* v) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+}
+inline __m128 load4_values(const float* v) { return _mm_loadu_ps(v); }
+inline __m128 load4_values(const c10::Half* v) {
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)));
+}
+
+// The per-group values (scales or mins) of blocks b0 .. b0 + 7 of a row, one lane a block; b0 is a
+// multiple of 8 and the row has at least b0 + 8 blocks.
+template <typename S>
+inline __m256 block_values8(const S* v, int64_t b0, int64_t group_blocks) {
+  if (group_blocks == 1) return load8_values(v + b0);
+  if (group_blocks % 8 == 0) return _mm256_set1_ps(to_float(v[b0 / group_blocks]));  // one group holds all 8
+  if (group_blocks == 4) return _mm256_set_m128(_mm_set1_ps(to_float(v[b0 / 4 + 1])), _mm_set1_ps(to_float(v[b0 / 4])));
+  if (group_blocks == 2)
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(load4_values(v + b0 / 2)),
+                                    _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  alignas(32) float lanes[8];
+  for (int i = 0; i < 8; ++i) lanes[i] = to_float(v[(b0 + i) / group_blocks]);
+  return _mm256_load_ps(lanes);
+}
+
+// The SIMD int4 path, for each weight row in one pass with nothing computed per row beforehand:
+// eight blocks (four pairs, QuantizedRows::pair_blocks) a step. Each pair is one 32-byte load of
+// the packed weights: lanes 0-3 of its int32 sums belong to block 2p, 4-7 to block 2p + 1, scaled by
+// weight scale x activation scale (one multiply per eight blocks, then a lane permute per pair). The
+// zero point's term, zero value x activation block sum (zero = -8 s, or the min), is one more FMA
+// per eight blocks into the same accumulators, which alternate so that one FMA does not wait for the last.
+template <int R, typename S>
+void int4_row_simd(const uint8_t* w, const S* scales, const S* mins, int64_t KB, int64_t group_blocks,
+                   const QuantizedRows& x, int64_t m0, float* out) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const int64_t stride = x.M * 2 * QK;  // bytes from one pair of an activation row to its next
   const int8_t* xq0 = x.pairs.data() + m0 * 2 * QK;
   __m256 acc[2][R];
   for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  // pair p's scales: lanes 0-3 block 2p's product, 4-7 block 2p + 1's, permuted out of the 8 products
-  // of the four pairs from p & ~3
-  auto step = [&](int64_t p, const __m256* scales, __m256i lanes, __m256* sums) {
+  auto step = [&](int64_t p, const __m256* c, __m256i lanes, __m256* sums) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * QK));
     const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
     const int8_t* xq = xq0 + p * stride;
     for (int r = 0; r < R; ++r) {
       const __m256i* xr = reinterpret_cast<const __m256i*>(xq + r * 2 * QK);
       const __m256i dot = dot2_u4s8(lo, _mm256_loadu_si256(xr), hi, _mm256_loadu_si256(xr + 1));
-      sums[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(scales[r], lanes), sums[r]);
+      sums[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(c[r], lanes), sums[r]);
     }
   };
-  const __m256i lanes0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), lanes1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-  const __m256i lanes2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), lanes3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
-  const int64_t KP = KB / 2;
-  __m256 scales[R];
-  int64_t p = 0;
-  for (; p + 4 <= KP; p += 4) {
-    for (int r = 0; r < R; ++r) scales[r] = _mm256_loadu_ps(combined + r * KB + 2 * p);
-    step(p, scales, lanes0, acc[0]);
-    step(p + 1, scales, lanes1, acc[1]);
-    step(p + 2, scales, lanes2, acc[0]);
-    step(p + 3, scales, lanes3, acc[1]);
-  }
-  for (; p < KP; ++p) {  // fewer than four pairs left: each pair's two products
-    for (int r = 0; r < R; ++r) scales[r] = _mm256_castps128_ps256(_mm_loadu_ps(combined + r * KB + 2 * p));
-    step(p, scales, lanes0, acc[p % 2]);
+  const __m256i lanes[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                            _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+  const __m256 minus8 = _mm256_set1_ps(-8.f);
+  __m256 c[R];
+  int64_t b = 0;
+  for (; b + 8 <= KB; b += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + b * (QK / 2) + PREFETCH_BYTES), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + b * (QK / 2) + PREFETCH_BYTES + 64), _MM_HINT_T0);
+    const __m256 s = block_values8(scales, b, group_blocks);
+    const __m256 z = mins ? block_values8(mins, b, group_blocks) : _mm256_mul_ps(s, minus8);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = (m0 + r) * KB + b;
+      c[r] = _mm256_mul_ps(s, _mm256_loadu_ps(x.dr.data() + row));
+      acc[1][r] = _mm256_fmadd_ps(z, _mm256_loadu_ps(x.sr.data() + row), acc[1][r]);
+    }
+    step(b / 2, c, lanes[0], acc[0]);
+    step(b / 2 + 1, c, lanes[1], acc[1]);
+    step(b / 2 + 2, c, lanes[2], acc[0]);
+    step(b / 2 + 3, c, lanes[3], acc[1]);
   }
   float tail[R] = {};
-  if (KB % 2) {  // the last block alone, 16 bytes
-    const int64_t b = KB - 1;
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * (QK / 2)));
-    const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+  if (b < KB) {  // 1 to 7 blocks left: their values in zero-padded lanes
+    alignas(32) float sv[8] = {}, zv[8] = {}, dv[8] = {}, bv[8] = {};
+    for (int64_t i = b; i < KB; ++i) {
+      sv[i - b] = to_float(scales[i / group_blocks]);
+      zv[i - b] = mins ? to_float(mins[i / group_blocks]) : -8.f * sv[i - b];
+    }
+    const int64_t pairs = (KB - b) / 2;
     for (int r = 0; r < R; ++r) {
-      const int8_t* xq = x.pair_q(KP, m0 + r);
-      const __m128i dot = dot2_u4s8(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)), hi,
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + QK)));
-      tail[r] = static_cast<float>(hsum(dot)) * combined[r * KB + b];
+      const int64_t row = (m0 + r) * KB;
+      for (int64_t i = b; i < KB; ++i) { dv[i - b] = x.dr[row + i]; bv[i - b] = x.sr[row + i]; }
+      c[r] = _mm256_mul_ps(_mm256_load_ps(sv), _mm256_load_ps(dv));
+      acc[1][r] = _mm256_fmadd_ps(_mm256_load_ps(zv), _mm256_load_ps(bv), acc[1][r]);
+      if ((KB - b) % 2) tail[r] = sv[KB - 1 - b] * dv[KB - 1 - b];  // the odd last block's scale product
+    }
+    for (int64_t i = 0; i < pairs; ++i) step(b / 2 + i, c, lanes[i], acc[i % 2]);
+    if ((KB - b) % 2) {  // the odd last block alone, 16 bytes
+      const int64_t last = KB - 1;
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + last * (QK / 2)));
+      const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xq = x.pair_q(last / 2, m0 + r);
+        const __m128i dot = dot2_u4s8(lo, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)), hi,
+                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + QK)));
+        tail[r] *= static_cast<float>(hsum(dot));
+      }
     }
   }
-  const int64_t groups = KB / group_blocks;
-  for (int r = 0; r < R; ++r) {  // the zero points' term: zf . gs, 8 groups at a time
-    const float* gs = x.gs.data() + (m0 + r) * groups;
-    __m256 sum = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(zf + g), _mm256_loadu_ps(gs + g), sum);
-    float offset = hsum(sum);
-    for (; g < groups; ++g) offset += zf[g] * gs[g];
-    out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + tail[r] + offset;
-  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + tail[r];
 }
 #endif
 
@@ -332,26 +363,38 @@ void int8_row(const int8_t* w, const float* sf, int64_t K, int64_t group, const 
   int block_shift = 0;  // an int8 group of 32 << k columns (GGUF Q8_0: k = 0); others take the scalar path
   while ((QK << block_shift) < group) ++block_shift;
   if (!reference && (per_row || group == 16 || (QK << block_shift) == group)) {
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < KB; ++b) {
+    // A accumulators per row taken in turn, so that a block's FMA need not wait for the last one's
+    // (at one row the FMA latency, not the weight stream, bounded this loop)
+    constexpr int A = R == 1 ? 4 : (R == 2 ? 2 : 1);
+    __m256 acc[A][R];
+    for (int a = 0; a < A; ++a)
+      for (int r = 0; r < R; ++r) acc[a][r] = _mm256_setzero_ps();
+    auto block = [&](int64_t b, __m256* sums) {
+      if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + b * QK + PREFETCH_BYTES), _MM_HINT_T0);
       const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK));
       const __m256i magnitude = _mm256_sign_epi8(q, q);
-      __m256 scale;
-      if (per_row) {
-        scale = _mm256_set1_ps(1.f);
-      } else if (group == 16) {  // lanes 0-3 hold columns 0-15, lanes 4-7 columns 16-31
+      __m256 scale = _mm256_setzero_ps();
+      if (group == 16) {  // lanes 0-3 hold columns 0-15, lanes 4-7 columns 16-31
         scale = _mm256_set_m128(_mm_set1_ps(sf[2 * b + 1]), _mm_set1_ps(sf[2 * b]));
-      } else {
+      } else if (!per_row) {
         scale = _mm256_set1_ps(sf[b >> block_shift]);  // group = 32 << block_shift
       }
       for (int r = 0; r < R; ++r) {
         const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.block_q(b, m0 + r)));
         const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(magnitude, _mm256_sign_epi8(xq, q)));
-        acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(x.block_d(b, m0 + r))), acc[r]);
+        const __m256 d = _mm256_set1_ps(x.block_d(b, m0 + r));
+        sums[r] = _mm256_fmadd_ps(p, per_row ? d : _mm256_mul_ps(scale, d), sums[r]);
       }
+    };
+    int64_t b = 0;
+    for (; b + A <= KB; b += A)
+      for (int a = 0; a < A; ++a) block(b + a, acc[a]);
+    for (; b < KB; ++b) block(b, acc[0]);
+    for (int r = 0; r < R; ++r) {
+      __m256 sum = acc[0][r];
+      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[a][r]);
+      out[r] = per_row ? hsum(sum) * sf[0] : hsum(sum);
     }
-    for (int r = 0; r < R; ++r) out[r] = per_row ? hsum(acc[r]) * sf[0] : hsum(acc[r]);
     return;
   }
 #endif
@@ -372,15 +415,26 @@ void int8_row(const int8_t* w, const float* sf, int64_t K, int64_t group, const 
   for (int r = 0; r < R; ++r) out[r] = per_row ? total[r] * sf[0] : total[r];
 }
 
-// One weight row against R activation rows; R is a template argument so that accumulators stay in registers.
-template <int R>
-void weight_row(bool int4, const uint8_t* w, const float* sf, const float* zf, int64_t K, int64_t group,
-                const QuantizedRows& x, int64_t m0, bool reference, float* combined, float* out) {
+// One weight row against R activation rows; R is a template argument so that accumulators stay in
+// registers. scales / mins: the row's own (S: fp16 or fp32); sf / zf: the same as floats, filled by
+// the caller for the paths that read them (int8, and the scalar int4 path: zf = -8 s or the min).
+template <int R, typename S>
+void weight_row(bool int4, const uint8_t* w, const S* scales, const S* mins, const float* sf, const float* zf,
+                int64_t K, int64_t group, const QuantizedRows& x, int64_t m0, bool reference, float* out) {
   if (!int4) return int8_row<R>(reinterpret_cast<const int8_t*>(w), sf, K, group, x, m0, reference, out);
 #ifdef NEMOLITE_AVX2
-  if (!reference) return int4_row_paired<R>(w, sf, zf, K / QK, group / QK, x, m0, combined, out);
+  if (!reference) return int4_row_simd<R>(w, scales, mins, K / QK, group / QK, x, m0, out);
 #endif
   int4_row<R>(w, sf, zf, K / QK, group / QK, x, m0, out);
+}
+
+// True when the int4 SIMD path runs: it reads the scales as stored, with no float copy per row.
+inline bool int4_simd(bool reference) {
+#ifdef NEMOLITE_AVX2
+  return !reference;
+#else
+  return false;
+#endif
 }
 
 // Y [M, N] in the activations' dtype (fp32 sums rounded once, as a cast of the fp32 result would).
@@ -388,36 +442,40 @@ template <typename S, typename T>
 void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* scales, const S* mins,
                       int64_t N, int64_t K, int64_t group, const QuantizedRows& x, bool reference, T* Y) {
   const int64_t groups = K / group;
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  const bool float_scales = !int4 || !int4_simd(reference);
+  auto chunk = [&](int64_t begin, int64_t end) {
     float out[MAX_ROWS];
-    std::vector<float> sf(groups), zf(groups), combined(MAX_ROWS * (K / QK) + 8);  // + 8: a tail step reads 4
+    std::vector<float> sf(float_scales ? groups : 0), zf(float_scales && int4 ? groups : 0);
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* w = W + n * row_bytes;
-      row_scales(scales + n * groups, groups, sf.data());
-      if (int4 && mins) {
-        row_scales(mins + n * groups, groups, zf.data());
-      } else if (int4) {
-#pragma omp simd
-        for (int64_t g = 0; g < groups; ++g) zf[g] = -8.f * sf[g];
+      const S* s = scales + n * groups;
+      const S* z = mins ? mins + n * groups : nullptr;
+      if (float_scales) {
+        row_scales(s, groups, sf.data());
+        if (int4 && z) {
+          row_scales(z, groups, zf.data());
+        } else if (int4) {
+          for (int64_t g = 0; g < groups; ++g) zf[g] = -8.f * sf[g];
+        }
       }
       for (int64_t m0 = 0; m0 < x.M; m0 += MAX_ROWS) {
         const int64_t rows = std::min<int64_t>(MAX_ROWS, x.M - m0);
-        const float *s = sf.data(), *z = zf.data();
-        float* c = combined.data();
+        const float *fs = sf.data(), *fz = zf.data();
         switch (rows) {
-          case 1: weight_row<1>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
-          case 2: weight_row<2>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
-          case 3: weight_row<3>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
-          case 4: weight_row<4>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
-          case 5: weight_row<5>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
-          case 6: weight_row<6>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
-          case 7: weight_row<7>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
-          default: weight_row<8>(int4, w, s, z, K, group, x, m0, reference, c, out); break;
+          case 1: weight_row<1>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
+          case 2: weight_row<2>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
+          case 3: weight_row<3>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
+          case 4: weight_row<4>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
+          case 5: weight_row<5>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
+          case 6: weight_row<6>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
+          case 7: weight_row<7>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
+          default: weight_row<8>(int4, w, s, z, fs, fz, K, group, x, m0, reference, out); break;
         }
         for (int64_t r = 0; r < rows; ++r) Y[(m0 + r) * N + n] = static_cast<T>(out[r]);
       }
     }
-  });
+  };
+  at::parallel_for(0, N, 16, chunk);
 }
 
 void check_layer(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
@@ -457,10 +515,11 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor qweight, torch::Te
   QuantizedRows rows = x.scalar_type() == torch::kFloat
       ? quantize_rows(x.data_ptr<float>(), M, K, reference)
       : quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, reference);
-  if (int4) rows.sum_groups(group / QK);
-#ifdef NEMOLITE_AVX2
-  if (int4 && !reference) rows.pair_blocks();
-#endif
+  if (int4 && int4_simd(reference)) {
+    rows.pair_blocks();
+  } else if (int4) {
+    rows.sum_groups(group / QK);
+  }
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* W = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const int64_t row_bytes = qweight.size(1);
