@@ -38,6 +38,7 @@ SOURCES = ("cpu_kernels.cpp", "quant_kernels.cpp")  # bf16 GEMV, decode attentio
 _loaded: bool | None = None  # None: not tried yet
 _load_lock = threading.Lock()
 _enabled = False
+_rows_kernel = False
 
 
 def _cpu_flags() -> str:
@@ -68,7 +69,7 @@ def _build() -> bool:
 
         log.info("loading the CPU kernels (the first time builds them with the C++ compiler, ~1 min)")
         cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]  # a cache shared across CPUs stays right
-        load_extension(f"nemolite_cpu_kernels_v24_{cpu}", [str(CSRC / name) for name in SOURCES],
+        load_extension(f"nemolite_cpu_kernels_v27_{cpu}", [str(CSRC / name) for name in SOURCES],
                        is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: gathered attention and oneDNN
@@ -76,6 +77,9 @@ def _build() -> bool:
         return False
     if hasattr(torch.ops.nemolite, "gemv_bf16"):
         torch.library.register_fake("nemolite::gemv_bf16")(lambda x, weight: x.new_empty(weight.shape[0]))
+        if hasattr(torch.ops.nemolite, "linear_bf16"):
+            torch.library.register_fake("nemolite::linear_bf16")(
+                lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
         torch.library.register_fake("nemolite::decode_attention")(
             lambda q, k_cache, v_cache, slots, lengths, new_k, new_v, scale: torch.empty_like(q))
     if hasattr(torch.ops.nemolite, "linear_int8"):  # what compiled graphs see of the quantized linears
@@ -101,8 +105,9 @@ def has(op: str) -> bool:
 
 def enable() -> bool:
     """``load()``, and from then on batch-1 bf16 linears use the GEMV kernel; True when they do."""
-    global _enabled
+    global _enabled, _rows_kernel
     _enabled = has("gemv_bf16")
+    _rows_kernel = has("linear_bf16")  # built only where the CPU lacks AVX512-BF16
     return _enabled
 
 
@@ -146,10 +151,28 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+# bf16 linears on a CPU without native bf16 GEMMs (no AVX512-BF16/AMX: oneDNN emulates them, 3-4x slower
+# than the kernel below): up to this many rows the extension's ``linear_bf16`` (each weight row read once,
+# every output summed as the GEMV sums it), above it an fp32 GEMM on the weight widened for the call,
+# which is compute-bound there (4096 x 1024 on the 2-core AVX2 machine: 32 rows 4.6 ms against oneDNN's
+# bf16 15.9; 128 rows 24 ms kernel, 21 fp32, 85 oneDNN bf16; 512 rows 99, 43, 251).
+BF16_ROWS_KERNEL_MAX = 64
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, through the GEMV kernel for one bf16 row on the CPU when enabled."""
+    """``F.linear``; for bf16 on the CPU when enabled, through the GEMV kernel for one row and, where the
+    CPU has no native bf16 GEMM, the rows kernel or an fp32 GEMM for more."""
     if (_enabled and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.shape[:-1].numel() == 1 and weight.shape[1] % 32 == 0 and weight.is_contiguous()):
-        out = torch.ops.nemolite.gemv_bf16(x.reshape(-1).contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])
+            and weight.shape[1] % 32 == 0 and weight.is_contiguous()):
+        rows = x.shape[:-1].numel()
+        if rows == 1:
+            out = torch.ops.nemolite.gemv_bf16(x.reshape(-1).contiguous(), weight)
+        elif _rows_kernel and rows <= BF16_ROWS_KERNEL_MAX:
+            out = torch.ops.nemolite.linear_bf16(x.reshape(rows, -1), weight)
+        elif _rows_kernel:
+            out = F.linear(x.reshape(rows, -1).float(), weight.float()).to(torch.bfloat16)
+        else:
+            return F.linear(x, weight, bias)
+        out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)

@@ -27,9 +27,30 @@ def test_gemv_matches_a_fp32_reference(kernel, rows, cols):
 
 
 def test_other_shapes_fall_back_to_f_linear(kernel):
-    weight = torch.randn(64, 96).bfloat16()
-    for x in (torch.randn(3, 96).bfloat16(), torch.randn(1, 96)):  # batch > 1, fp32
-        assert torch.equal(kernel.linear(x, weight.to(x.dtype), None), F.linear(x, weight.to(x.dtype)))
+    weight = torch.randn(64, 96)
+    x = torch.randn(3, 96)
+    assert torch.equal(kernel.linear(x, weight, None), F.linear(x, weight))  # fp32
+    odd = torch.randn(64, 100).bfloat16()  # K not a multiple of 32
+    x = torch.randn(3, 100).bfloat16()
+    assert torch.equal(kernel.linear(x, odd, None), F.linear(x, odd))
+
+
+@pytest.mark.parametrize("rows", [2, 5, 64, 65, 130])
+def test_bf16_rows_match_fp32_and_each_row_its_gemv(kernel, rows):
+    """More than one bf16 row: where the CPU has no native bf16 GEMM, up to BF16_ROWS_KERNEL_MAX rows go
+    through linear_bf16, which sums every output as the GEMV does (a row's bits do not depend on the
+    batch), and more rows through an fp32 GEMM."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(300, 1056, generator=generator).bfloat16()
+    x = torch.randn(rows, 1056, generator=generator).bfloat16()
+    bias = torch.randn(300, generator=generator).bfloat16()
+    expected = F.linear(x.float(), weight.float(), bias.float())
+    got = kernel.linear(x[None], weight, bias)[0]
+    assert got.shape == (rows, 300) and got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+    if kernel.has("linear_bf16") and rows <= kernel.BF16_ROWS_KERNEL_MAX:
+        for row in (0, rows - 1):
+            assert torch.equal(got[row], kernel.linear(x[row:row + 1], weight, bias)[0])
 
 
 def test_usable_inside_a_compiled_graph(kernel):
