@@ -196,8 +196,12 @@ def run_llama_cpp(workload: Workload, path: Path, options: dict) -> dict:
 
     run(8)
     ttft, decode = run(workload.new_tokens)
-    return {"tokens": workload.new_tokens, "seconds": ttft + decode, "tokens_per_s": workload.new_tokens / decode,
-            "ttft_s": ttft, "itl_s": decode / workload.new_tokens, "steps_per_s": workload.new_tokens / decode,
+    # the loop evaluates each sampled token, so the last of its evals produces nothing: the request's
+    # own time is TTFT and new_tokens - 1 steps, the same span nemolite's figures cover
+    itl = decode / workload.new_tokens
+    seconds = ttft + itl * (workload.new_tokens - 1)
+    return {"tokens": workload.new_tokens, "seconds": seconds, "tokens_per_s": workload.new_tokens / seconds,
+            "decode_tokens_per_s": 1 / itl, "ttft_s": ttft, "itl_s": itl, "steps_per_s": 1 / itl,
             "load_s": load_s, "peak_rss_gb": _peak_rss_gb(), "weight_bytes": gguf_weight_bytes(options["gguf"])}
 
 
@@ -221,19 +225,25 @@ def run_transformers(workload: Workload, path: Path, options: dict) -> dict:
         _synchronize(device)
         elapsed = time.perf_counter() - started
     generated = (out.shape[1] - workload.prompt_len) * workload.batch_size
+    itl = (elapsed - ttft) / max(1, workload.new_tokens - 1)
     return {"tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed, "ttft_s": ttft,
-            "itl_s": (elapsed - ttft) / max(1, workload.new_tokens - 1), "load_s": load_s,
+            "decode_tokens_per_s": workload.batch_size / itl if itl > 0 else None, "itl_s": itl, "load_s": load_s,
             "steps_per_s": (out.shape[1] - workload.prompt_len) / elapsed, "peak_rss_gb": _peak_rss_gb()}
 
 
 def _result(workload, elapsed, first_token, token_times, load_s, warmup_s, stats) -> dict:
+    """tokens_per_s: end to end (every token over the whole time, prefill included); decode_tokens_per_s:
+    the tokens after each request's first over the time after the first token came (the decode rate)."""
     generated = sum(times[-1][0] for times in token_times.values())
+    after_first = generated - sum(times[0][0] for times in token_times.values())
+    decode_s = elapsed - min(first_token.values())
     gaps = []
     for times in token_times.values():
         for (count_a, time_a), (count_b, time_b) in zip(times, times[1:]):
             if count_b > count_a:
                 gaps.append((time_b - time_a) / (count_b - count_a))
     return {"tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed,
+            "decode_tokens_per_s": after_first / decode_s if decode_s > 0 and after_first else None,
             "ttft_s": statistics.median(first_token.values()), "itl_s": statistics.median(gaps) if gaps else None,
             "steps_per_s": workload.new_tokens / elapsed, "load_s": load_s, "warmup_s": warmup_s,
             "peak_rss_gb": _peak_rss_gb(), "engine": stats}
@@ -326,15 +336,42 @@ def bench(workload_names: list[str], path: Path | None, backends: list[str], opt
             compiled = f"  (compile {result['compile_s']:.0f} s, not timed)" if result.get("compile_s") else ""
             spread = (f"  [{min(r['tokens_per_s'] for r in results[label]):.1f}-"
                       f"{max(r['tokens_per_s'] for r in results[label]):.1f}]") if len(results[label]) > 1 else ""
-            print(f"{label:>18}: {result['tokens_per_s']:8.1f} tok/s{spread}  {gbps:6.1f} GB/s of weights  "
-                  f"TTFT {result['ttft_s'] * 1e3:7.1f} ms  ITL {itl}  peak RSS {result['peak_rss_gb']:.2f} GB{compiled}")
+            decode = result.get("decode_tokens_per_s")
+            decode = f"{decode:8.1f}" if decode else "       -"
+            print(f"{label:>18}: {result['tokens_per_s']:8.1f} tok/s{spread}  decode {decode} tok/s  "
+                  f"{gbps:6.1f} GB/s of weights  TTFT {result['ttft_s'] * 1e3:7.1f} ms  ITL {itl}  "
+                  f"peak RSS {result['peak_rss_gb']:.2f} GB{compiled}")
             rows.append({"workload": name, "backend": label, "gb_per_s": gbps, "runs": len(results[label]), **result})
-        ours = [label for label in medians if label.startswith("nemolite")]
-        for label in ours:
-            for other, result in medians.items():
-                if not other.startswith("nemolite"):
-                    print(f"{'':>18}  {label} / {other}: {medians[label]['tokens_per_s'] / result['tokens_per_s']:.2f} x")
+        for ours, other in _peers(list(medians)):
+            mine, theirs = medians[ours], medians[other]
+            line = f"{'':>18}  {ours} / {other}: {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f} x end to end"
+            if mine.get("decode_tokens_per_s") and theirs.get("decode_tokens_per_s"):
+                line += f", {mine['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f} x decode"
+            print(line)
     return rows
+
+
+def weight_bits(label: str) -> int | None:
+    """Bits per weight a row's label names: 16 for nemolite unquantized or a BF16/F16 GGUF, 8 for int8 or
+    Q8_0, 4 for int4 or Q4_*; None where it names none (transformers, F32, other GGUF types)."""
+    name = label.split(" ", 1)[1] if " " in label else ""
+    if label.startswith("nemolite"):
+        return 16 if not name else {"int8": 8, "int4": 4}.get(name.split("-")[0])
+    if name.upper() in ("BF16", "F16"):
+        return 16
+    return int(name[1]) if len(name) > 1 and name[0].upper() == "Q" and name[1].isdigit() else None
+
+
+def _peers(labels: list[str]) -> list[tuple[str, str]]:
+    """(nemolite row, peer row) pairs to print a ratio for: each peer row of the same bits per weight
+    (bf16 with BF16, int8 with Q8_0, int4 with Q4_0 and Q4_K_M); rows of no such width (transformers)
+    against every nemolite row."""
+    ours = [label for label in labels if label.startswith("nemolite")]
+    pairs = []
+    for other in (label for label in labels if not label.startswith("nemolite")):
+        bits = weight_bits(other)
+        pairs.extend((label, other) for label in ours if bits is None or weight_bits(label) == bits)
+    return sorted(pairs, key=lambda pair: ours.index(pair[0]))
 
 
 if __name__ == "__main__":
