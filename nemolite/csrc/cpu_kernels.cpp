@@ -29,6 +29,13 @@ static inline __m256 bf16x8_to_float(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
+// n bf16 (n % 8 == 0) widened to fp32: the activations the AVX2 kernels read from L1 for every weight row.
+static inline std::vector<float> widen_bf16(const uint16_t* p, int64_t n) {
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(out.data() + i, bf16x8_to_float(p + i));
+  return out;
+}
+
 static inline float reduce_add8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -51,8 +58,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
 #ifndef NEMOLITE_AVX512_BF16
-  std::vector<float> xf(K);
-  for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(xf.data() + k, bf16x8_to_float(X + k));
+  const std::vector<float> xf = widen_bf16(X, K);
   const float* XF = xf.data();
 #endif
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -123,8 +129,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr());
-  std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; i += 8) _mm256_storeu_ps(xf.data() + i, bf16x8_to_float(X + i));
+  const std::vector<float> xf = widen_bf16(X, M * K);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float sums[2];
     for (int64_t n = begin; n < end; ++n) {

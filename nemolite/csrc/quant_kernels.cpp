@@ -98,6 +98,9 @@ void quantize_block_scalar(const T* x, int8_t* q, float* d, float* s) {
 
 #ifdef NEMOLITE_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
@@ -218,10 +221,7 @@ template <typename S>
 inline void row_scales(const S* in, int64_t count, float* out) {
   int64_t i = 0;
 #ifdef NEMOLITE_AVX2
-  if constexpr (std::is_same_v<S, c10::Half>) {
-    for (; i + 8 <= count; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
-  }
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(out + i, load8(in + i));
 #endif
   for (; i < count; ++i) out[i] = to_float(in[i]);
 }
@@ -250,10 +250,6 @@ void int4_row(const uint8_t* w, const float* sf, const float* zf, int64_t KB, in
 }
 
 #ifdef NEMOLITE_AVX2
-inline __m256 load8_values(const float* v) { return _mm256_loadu_ps(v); }
-inline __m256 load8_values(const c10::Half* v) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
-}
 inline __m128 load4_values(const float* v) { return _mm_loadu_ps(v); }
 inline __m128 load4_values(const c10::Half* v) {
   return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v)));
@@ -263,7 +259,7 @@ inline __m128 load4_values(const c10::Half* v) {
 // multiple of 8 and the row has at least b0 + 8 blocks.
 template <typename S>
 inline __m256 block_values8(const S* v, int64_t b0, int64_t group_blocks) {
-  if (group_blocks == 1) return load8_values(v + b0);
+  if (group_blocks == 1) return load8(v + b0);
   if (group_blocks % 8 == 0) return _mm256_set1_ps(to_float(v[b0 / group_blocks]));  // one group holds all 8
   if (group_blocks == 4) return _mm256_set_m128(_mm_set1_ps(to_float(v[b0 / 4 + 1])), _mm_set1_ps(to_float(v[b0 / 4])));
   if (group_blocks == 2)
@@ -443,7 +439,7 @@ void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* s
                       int64_t N, int64_t K, int64_t group, const QuantizedRows& x, bool reference, T* Y) {
   const int64_t groups = K / group;
   const bool float_scales = !int4 || !int4_simd(reference);
-  auto chunk = [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     float out[MAX_ROWS];
     std::vector<float> sf(float_scales ? groups : 0), zf(float_scales && int4 ? groups : 0);
     for (int64_t n = begin; n < end; ++n) {
@@ -474,8 +470,7 @@ void quantized_matmul(bool int4, const uint8_t* W, int64_t row_bytes, const S* s
         for (int64_t r = 0; r < rows; ++r) Y[(m0 + r) * N + n] = static_cast<T>(out[r]);
       }
     }
-  };
-  at::parallel_for(0, N, 16, chunk);
+  });
 }
 
 void check_layer(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
