@@ -544,6 +544,32 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 
 // ---- dequantize: the float weight [N, K] ------------------------------------------------------
 
+#ifdef NEMOLITE_AVX2
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  // round to nearest even, as c10::BFloat16's constructor does (the values here are finite)
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// One int4 block (16 bytes: columns 0-15 in the low nibbles, 16-31 in the high ones) as 32 values
+// q * scale + zero (zero = -8 scale or the min), each one rounding: q * scale is exact for fp16 scales
+// and, with zero = -8 scale, the fused sum is (q - 8) * scale rounded once, as the torch dequantiser computes.
+template <typename T>
+inline void dequantize_block_int4(const uint8_t* nibbles, float scale, float zero, T* dst) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; ++i)
+    store8(dst + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s, z));
+}
+#endif
+
 template <typename S, typename T>
 void dequantize_rows(bool int4, const uint8_t* W, int64_t row_bytes, const S* scales, const S* mins, int64_t N,
                      int64_t K, int64_t group, T* out) {
@@ -553,6 +579,17 @@ void dequantize_rows(bool int4, const uint8_t* W, int64_t row_bytes, const S* sc
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* w = W + n * row_bytes;
       const S* s = scales + n * groups;
+#ifdef NEMOLITE_AVX2
+      if (int4) {  // straight into the output row, eight values a store
+        const S* z = mins ? mins + n * groups : nullptr;
+        for (int64_t b = 0, per_group = group / QK; b < K / QK; ++b) {
+          const float scale = to_float(s[b / per_group]);
+          dequantize_block_int4(w + b * (QK / 2), scale, z ? to_float(z[b / per_group]) : -8.f * scale,
+                                out + n * K + b * QK);
+        }
+        continue;
+      }
+#endif
       if (int4) {
         const S* z = mins ? mins + n * groups : nullptr;
         for (int64_t b = 0, per_group = group / QK; b < K / QK; ++b) {

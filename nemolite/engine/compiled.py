@@ -79,7 +79,8 @@ class CompiledDecoder:
         if first.device.type == "cpu":
             from nemolite.quant import kernels
 
-            kernels.max_kernel_rows(first.dtype)  # measured before tracing, a constant inside the graph
+            for method in ("int8", "int4"):  # measured before tracing, constants inside the graph
+                kernels.max_kernel_rows(first.dtype, method)
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
                                    mode="reduce-overhead" if self.cuda_graphs else None)
         self.static_caches: set[int] = set()

@@ -9,7 +9,7 @@ import torch
 from nemolite.engine.kv_cache import AttentionMetadata, PagedKVCache, PrefillSegment
 from nemolite.engine.scheduler import ScheduledBatch
 from nemolite.engine.sequence import Sequence
-from nemolite.model import CausalLM
+from nemolite.model import CausalLM, cpu_kernels
 
 
 @dataclasses.dataclass(slots=True)
@@ -157,8 +157,14 @@ class ModelRunner:
         logits, new_keys, new_values = self.decoder(input_ids, torch.tensor(lengths, device=device), slots.to(device),
                                                     mask.to(device), self.cache.keys, self.cache.values)
         new_slots = new_slots.to(device)
-        for layer, keys in new_keys.items():
-            self.cache.keys[layer].index_copy_(0, new_slots, keys)
-            self.cache.values[layer].index_copy_(0, new_slots, new_values[layer])
+        layers = list(new_keys)
+        caches = [self.cache.keys[i] for i in layers] + [self.cache.values[i] for i in layers]
+        rows = [new_keys[i] for i in layers] + [new_values[i] for i in layers]
+        if device.type == "cpu" and cpu_kernels.has("store_rows") and all(
+                row.dtype == cache.dtype for row, cache in zip(rows, caches)):
+            torch.ops.nemolite.store_rows(caches, new_slots, rows)  # one call for every layer
+        else:
+            for cache, row in zip(caches, rows):
+                cache.index_copy_(0, new_slots, row)
         empty = logits.new_zeros(0, logits.shape[-1])
         return StepLogits(logits, seqs, empty, [])

@@ -15,37 +15,41 @@ log = logging.getLogger(__name__)
 
 # Up to a number of activation rows a quantized linear runs the integer kernel (each weight byte read once
 # for all rows); above it, the weight is dequantized and a dense GEMM runs (compute-bound there). Where
-# that crossover lies depends on the CPU: on one without native bf16 GEMMs (AVX2) the kernel won at every
-# batch measured (4096 x 1024 int8, bf16 activations, 2 cores: 2.2 vs 11 ms at 16 rows, 12.5 vs 24 ms at
-# 128), while a CPU with AVX512-BF16/AMX runs the dense bf16 GEMM far faster. So it is measured once per
-# process and activation dtype (``max_kernel_rows``); NEMOLITE_QUANT_KERNEL_ROWS=N fixes it instead.
+# that crossover lies depends on the CPU and the method: on one without native bf16 GEMMs (AVX2) the kernel
+# won at every batch measured (4096 x 1024 int8, bf16 activations, 2 cores: 2.2 vs 11 ms at 16 rows, 12.5
+# vs 24 ms at 128), while a CPU with AVX512-BF16/AMX runs the dense bf16 GEMM far faster; int4's kernel
+# costs less per row than int8's (1.3 against 3.5 ms at 32 rows on the AVX2 machine), so its crossover
+# lies higher. So it is measured once per process, activation dtype and method (``max_kernel_rows``);
+# NEMOLITE_QUANT_KERNEL_ROWS=N fixes it instead.
 GEMV_MAX_ROWS = 8  # the floor: decode at batch <= 8 always takes the kernel
 CANDIDATE_ROWS = (16, 32, 64, 128, 256)
-_max_rows: dict[torch.dtype, int] = {}
+_max_rows: dict[tuple[torch.dtype, str], int] = {}
 _calibration_lock = threading.Lock()
 
 
-def max_kernel_rows(dtype: torch.dtype) -> int:
-    """The most activation rows for which the integer kernel beats dequantize + GEMM here (>= GEMV_MAX_ROWS)."""
-    rows = _max_rows.get(dtype)
+def max_kernel_rows(dtype: torch.dtype, method: str = "int8") -> int:
+    """The most activation rows for which ``method``'s integer kernel beats dequantize + GEMM here
+    (>= GEMV_MAX_ROWS)."""
+    key = (dtype, method)
+    rows = _max_rows.get(key)
     if rows is None:
         with _calibration_lock:
-            rows = _max_rows.get(dtype)
+            rows = _max_rows.get(key)
             if rows is None:
-                rows = _max_rows[dtype] = _calibrate(dtype)
+                rows = _max_rows[key] = _calibrate(dtype, method)
     return rows
 
 
-def _calibrate(dtype: torch.dtype) -> int:
+def _calibrate(dtype: torch.dtype, method: str) -> int:
     fixed = os.environ.get("NEMOLITE_QUANT_KERNEL_ROWS")
     if fixed:
         return max(1, int(fixed))
-    if not available("int8"):
+    if not available(method):
         return GEMV_MAX_ROWS
     from nemolite.quant.linear import quantize_weight
 
     generator = torch.Generator().manual_seed(0)
-    layer = quantize_weight(torch.randn(2048, 1024, generator=generator), "int8")
+    layer = quantize_weight(torch.randn(2048, 1024, generator=generator), method)
 
     def seconds(function) -> float:
         function()
@@ -64,8 +68,8 @@ def _calibrate(dtype: torch.dtype) -> int:
         if kernel > dense:
             break
         chosen = rows
-    log.info("quantized linears: the integer kernel up to %d rows of %s activations, dequantize + GEMM above",
-             chosen, str(dtype).removeprefix("torch."))
+    log.info("%s linears: the integer kernel up to %d rows of %s activations, dequantize + GEMM above",
+             method, chosen, str(dtype).removeprefix("torch."))
     return chosen
 
 

@@ -108,7 +108,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
         if self.cpu_kernel and x.device.type == "cpu" and (
-                rows <= kernels.GEMV_MAX_ROWS or rows <= kernels.max_kernel_rows(x.dtype)):
+                rows <= kernels.GEMV_MAX_ROWS or rows <= kernels.max_kernel_rows(x.dtype, self.method)):
             out = kernels.linear(self, x.reshape(rows, self.in_features))
             out = out.reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias.to(out.dtype)

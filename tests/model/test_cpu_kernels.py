@@ -79,3 +79,19 @@ def test_paged_decode_attention_matches_gathered_attention(kernel, dtype, tolera
     expected = single_query_attention(q.float()[:, :, None], keys, values, mask[:, None, None])[:, :, 0]
     assert got.dtype == dtype and got.shape == q.shape
     assert (got.float() - expected).abs().max().item() <= tolerance
+
+
+def test_store_rows_writes_every_layers_rows_at_their_slots(kernel):
+    generator = torch.Generator().manual_seed(3)
+    caches = [torch.randn(40, 2, 8, generator=generator).to(dtype) for dtype in (torch.bfloat16, torch.float32)]
+    expected = [cache.clone() for cache in caches]
+    slots = torch.tensor([7, 0, 39])
+    rows = [torch.randn(3, 2, 8, generator=generator).to(cache.dtype) for cache in caches]
+    for cache, row in zip(expected, rows):
+        cache.index_copy_(0, slots, row)
+    torch.ops.nemolite.store_rows(caches, slots, rows)
+    assert all(torch.equal(got, want) for got, want in zip(caches, expected))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.nemolite.store_rows(caches[:1], torch.tensor([40]), [rows[0][:1]])
+    with pytest.raises(RuntimeError, match="dtype and row shape"):
+        torch.ops.nemolite.store_rows(caches[:1], slots, [rows[1]])

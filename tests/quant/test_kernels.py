@@ -137,14 +137,29 @@ def test_int4_packing_is_ggufs_q4_0_layout():
     assert torch.equal(unpack_int4(packed), values.to(torch.uint8))
 
 
-def test_the_kernel_row_limit_is_measured_once_per_dtype(ops, monkeypatch):
+def test_the_kernel_row_limit_is_measured_once_per_dtype_and_method(ops, monkeypatch):
     from nemolite.quant import kernels
 
     monkeypatch.delenv("NEMOLITE_QUANT_KERNEL_ROWS")
     monkeypatch.setattr(kernels, "_max_rows", {})
     rows = kernels.max_kernel_rows(torch.float32)
-    assert rows in (kernels.GEMV_MAX_ROWS, *kernels.CANDIDATE_ROWS)
-    assert kernels._max_rows == {torch.float32: rows}
+    int4_rows = kernels.max_kernel_rows(torch.float32, "int4")
+    assert {rows, int4_rows} <= {kernels.GEMV_MAX_ROWS, *kernels.CANDIDATE_ROWS}
+    assert kernels._max_rows == {(torch.float32, "int8"): rows, (torch.float32, "int4"): int4_rows}
     monkeypatch.setenv("NEMOLITE_QUANT_KERNEL_ROWS", "33")
     assert kernels.max_kernel_rows(torch.float32) == rows  # cached
-    assert kernels.max_kernel_rows(torch.bfloat16) == 33
+    assert kernels.max_kernel_rows(torch.float32, "int4") == int4_rows
+    assert kernels.max_kernel_rows(torch.bfloat16, "int4") == 33
+
+
+def test_a_layer_asks_for_its_own_methods_row_limit(ops, monkeypatch):
+    from nemolite.quant import kernels
+
+    monkeypatch.setattr(kernels, "_max_rows", {(torch.float32, "int8"): 8, (torch.float32, "int4"): 32})
+    calls = []
+    monkeypatch.setattr(kernels, "linear", lambda layer, x: calls.append(layer.method) or x.new_zeros(len(x), 64))
+    weight = torch.randn(64, 128)
+    x = torch.randn(32, 128)
+    quantize_weight(weight, "int4")(x)
+    quantize_weight(weight, "int8")(x)
+    assert calls == ["int4"]  # 32 rows: int4's kernel, int8's dequantize + GEMM
