@@ -575,12 +575,14 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
+#endif
 
 // One int4 block (16 bytes: columns 0-15 in the low nibbles, 16-31 in the high ones) as 32 values
 // q * scale + zero (zero = -8 scale or the min), each one rounding: q * scale is exact for fp16 scales
 // and, with zero = -8 scale, the fused sum is (q - 8) * scale rounded once, as the torch dequantiser computes.
 template <typename T>
 inline void dequantize_block_int4(const uint8_t* nibbles, float scale, float zero, T* dst) {
+#ifdef NEMOLITE_AVX2  // eight values a store
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles));
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
@@ -588,20 +590,24 @@ inline void dequantize_block_int4(const uint8_t* nibbles, float scale, float zer
   const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
   for (int i = 0; i < 4; ++i)
     store8(dst + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s, z));
-}
+#else
+  for (int64_t j = 0; j < QK / 2; ++j) {
+    dst[j] = static_cast<T>(static_cast<float>(nibbles[j] & 0x0F) * scale + zero);
+    dst[j + QK / 2] = static_cast<T>(static_cast<float>(nibbles[j] >> 4) * scale + zero);
+  }
 #endif
+}
 
 template <typename S, typename T>
 void dequantize_rows(bool int4, const uint8_t* W, int64_t row_bytes, const S* scales, const S* mins, int64_t N,
                      int64_t K, int64_t group, T* out) {
   const int64_t groups = K / group;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(K);
+    std::vector<float> row(int4 ? 0 : K);
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* w = W + n * row_bytes;
       const S* s = scales + n * groups;
-#ifdef NEMOLITE_AVX2
-      if (int4) {  // straight into the output row, eight values a store
+      if (int4) {  // straight into the output row
         const S* z = mins ? mins + n * groups : nullptr;
         for (int64_t b = 0, per_group = group / QK; b < K / QK; ++b) {
           const float scale = to_float(s[b / per_group]);
@@ -610,25 +616,10 @@ void dequantize_rows(bool int4, const uint8_t* W, int64_t row_bytes, const S* sc
         }
         continue;
       }
-#endif
-      if (int4) {
-        const S* z = mins ? mins + n * groups : nullptr;
-        for (int64_t b = 0, per_group = group / QK; b < K / QK; ++b) {
-          const float scale = to_float(s[b / per_group]);
-          const float zero = z ? to_float(z[b / per_group]) : -8.f * scale;
-          const uint8_t* nibbles = w + b * (QK / 2);
-          float* dst = row.data() + b * QK;
-          for (int64_t j = 0; j < QK / 2; ++j) {
-            dst[j] = static_cast<float>(nibbles[j] & 0x0F) * scale + zero;
-            dst[j + QK / 2] = static_cast<float>(nibbles[j] >> 4) * scale + zero;
-          }
-        }
-      } else {
-        const int8_t* q = reinterpret_cast<const int8_t*>(w);
-        for (int64_t g = 0; g < groups; ++g) {
-          const float scale = to_float(s[g]);
-          for (int64_t k = g * group; k < (g + 1) * group; ++k) row[k] = static_cast<float>(q[k]) * scale;
-        }
+      const int8_t* q = reinterpret_cast<const int8_t*>(w);
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = to_float(s[g]);
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) row[k] = static_cast<float>(q[k]) * scale;
       }
       T* dst = out + n * K;
       for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<T>(row[k]);

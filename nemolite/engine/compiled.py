@@ -77,9 +77,10 @@ class CompiledDecoder:
         self.cuda_graphs = first.device.type == "cuda"
         self.paged_kernel = cpu_kernels.has("decode_attention")  # decided here: a constant of the traced step
         if first.device.type == "cpu":
-            from nemolite.quant import kernels
+            from nemolite.quant import QuantizedLinear, kernels
 
-            for method in ("int8", "int4"):  # measured before tracing, constants inside the graph
+            # measured before tracing (constants inside the graph), for the methods the model has
+            for method in {m.method for m in model.modules() if isinstance(m, QuantizedLinear) and m.cpu_kernel}:
                 kernels.max_kernel_rows(first.dtype, method)
         self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True,
                                    mode="reduce-overhead" if self.cuda_graphs else None)
