@@ -137,7 +137,30 @@ def test_compiled_decode_equals_eager(nemotron_dir, alone):
     llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, compile=True)
     outputs = llm.generate(PROMPTS[:2], [params_for(0), params_for(1)], use_tqdm=False)
     assert token_ids(outputs) == alone[:2]
-    assert llm.engine.runner.decoder.compiled_buckets == {1, 2}
+    decoder = llm.engine.runner.decoder
+    assert decoder.compiled_buckets == {1, 2}
+    if DEVICE == "cpu":  # after a step checked it, a kind is called without Dynamo (CUDA replays CUDA graphs)
+        assert set(decoder._direct) == {(1, True), (2, True)}
+
+
+def test_a_direct_step_that_disagrees_with_dynamo_is_not_used(nemotron_dir, alone, monkeypatch):
+    """The direct call of a compiled step is checked once against Dynamo's; outputs that differ (a wrong
+    mapping of inputs or outputs) keep the step on Dynamo, and the tokens stay right."""
+    from nemolite.engine import compiled
+
+    if DEVICE != "cpu":
+        pytest.skip("CUDA replays CUDA graphs through Dynamo")
+    call = compiled._DirectStep.__call__
+
+    def swapped(self, inputs):
+        logits, keys, values = call(self, inputs)
+        return logits, values, keys  # keys where values belong
+
+    monkeypatch.setattr(compiled._DirectStep, "__call__", swapped)
+    llm = LLM(nemotron_dir, dtype="float32", device=DEVICE, compile=True)
+    assert token_ids(llm.generate(PROMPTS[:1], params_for(0), use_tqdm=False)) == alone[:1]
+    decoder = llm.engine.runner.decoder
+    assert decoder.compiled_buckets == {1} and decoder._direct == {} and decoder._unchecked == {}
 
 
 def test_two_compiled_engines_in_one_process_keep_their_own_graphs(nemotron_dir, llama_dir, alone):
