@@ -17,7 +17,7 @@ log = logging.getLogger("nemolite")
 QUANTIZATION_HELP = ("weight-only quantization of the linear layers: int8 (one scale per output channel), "
                      "int4 (groups of 32 columns, symmetric), int4-g64 / int4-g128 (groups of 64 / 128), "
                      "int4-asym / int4-g128-asym (with zero points); add -head to quantize the LM head too "
-                     "(e.g. int8-head); none (default): the checkpoint's weights as they are")
+                     "(e.g. int8-head, int4-head), or -head8 to an int4 one for an int8 head; none (default): the checkpoint's weights as they are")
 
 
 def quantization_arg(text: str) -> str | None:

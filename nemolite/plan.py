@@ -45,10 +45,15 @@ class WeightFormat:
     scale_bytes: int
     zero_bytes: int = 0  # per group (asymmetric)
     lm_head: bool = False
+    int8_head: bool = False  # -head8: the LM head int8 per channel, the layers int4
 
     def matrix_bytes(self, rows: float, columns: float) -> float:
         groups = 1 if self.group_size is None else columns / self.group_size
         return rows * columns * self.bits / 8 + rows * groups * (self.scale_bytes + self.zero_bytes)
+
+    def head_bytes(self, rows: float, columns: float) -> float:
+        """The quantized LM head's matrix (with ``lm_head``)."""
+        return (WeightFormat(self.name, 8, None, 2) if self.int8_head else self).matrix_bytes(rows, columns)
 
     def bits_per_weight(self, columns: int = 8192) -> float:
         return self.matrix_bytes(1, columns) * 8 / columns
@@ -69,7 +74,8 @@ def weight_format(quantization: str | None) -> WeightFormat | None:
         raise NemoliteError(f"{error}; plan also sizes fp8") from None
     if spec.method == "int8":
         return WeightFormat(str(spec), 8, None, 2, lm_head=spec.lm_head)
-    return WeightFormat(str(spec), 4, spec.group_size, 2, 0 if spec.symmetric else 2, lm_head=spec.lm_head)
+    return WeightFormat(str(spec), 4, spec.group_size, 2, 0 if spec.symmetric else 2, lm_head=spec.lm_head,
+                        int8_head=spec.int8_head)
 
 
 @dataclasses.dataclass
@@ -168,7 +174,7 @@ def plan_layout(config: ModelConfig, tp: int, pp: int, gpu_bytes: float, dtype_b
     layer_costs = [layer_bytes(config, spec, tp, dtype_bytes, quant) for spec in config.layers]  # stages by bytes
     vocab = math.ceil(config.vocab_size / (128 * tp)) * 128 * tp / tp  # padded, as Megatron pads it
     embedding = vocab * config.hidden_size * dtype_bytes
-    head_matrix = quant.matrix_bytes(vocab, config.hidden_size) if quant is not None and quant.lm_head else \
+    head_matrix = quant.head_bytes(vocab, config.hidden_size) if quant is not None and quant.lm_head else \
         vocab * config.hidden_size * dtype_bytes
     head = 0.0 if config.tie_word_embeddings else head_matrix
     worst_weights = worst_kv = 0.0
@@ -230,7 +236,7 @@ def weight_bytes(config: ModelConfig, dtype: str = "bfloat16", quantization: str
     quant, size = weight_format(quantization), DTYPE_BYTES[dtype]
     embedding = config.vocab_size * config.hidden_size
     head = 0.0 if config.tie_word_embeddings and not (quant is not None and quant.lm_head) else \
-        quant.matrix_bytes(config.vocab_size, config.hidden_size) if quant is not None and quant.lm_head else \
+        quant.head_bytes(config.vocab_size, config.hidden_size) if quant is not None and quant.lm_head else \
         embedding * size
     return (sum(layer_bytes(config, spec, 1, size, quant) for spec in config.layers) + embedding * size + head
             + config.hidden_size * size)

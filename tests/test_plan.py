@@ -61,3 +61,15 @@ def test_nas_no_op_layers_hold_nothing():
     d, f = SMALL["hidden_size"], SMALL["intermediate_size"]
     attention = 2 * d * 6 * 128 + 2 * d * 2 * 128 + d  # q, o; k, v; the norm
     assert full - num_parameters(config) == attention + 2 * d * f + d
+
+
+def test_the_lm_head_is_sized_as_it_is_quantized():
+    from nemolite.plan import weight_bytes
+
+    config = config_from_hf(NEMOTRON_4_340B)
+    head = config.vocab_size * config.hidden_size  # weights of the LM head
+    fp = weight_bytes(config, quantization="int4")
+    int4_head = weight_bytes(config, quantization="int4-head")
+    int8_head = weight_bytes(config, quantization="int4-head8")
+    assert fp - int4_head == pytest.approx(head * (2 - 0.5 - 2 / 32))  # bf16 -> 4 bits + an fp16 scale per 32
+    assert int8_head - int4_head == pytest.approx(head * (1 - 0.5 - 2 / 32) + config.vocab_size * 2)

@@ -33,9 +33,10 @@ nemolite's in-memory asymmetric int4 uses w = s·v + min, whose min is not a who
 so the file's asymmetric layers are quantized here with integer zero points instead (range widened to
 hold 0, as compressed-tensors' own ``calculate_qparams``): they are not ``int4-asym`` in memory.
 
-An LM head quantized too ("-head") is int8 per channel whatever the method, as nemolite quantizes it
-in memory (nemolite.quant.model.quantize_module): with int4 layers it is a second config group,
-``targets: ["lm_head"]``, which compressed-tensors and vLLM match before the ``"Linear"`` class target.
+An LM head quantized too ("-head") is quantized as the other layers; with "-head8" (int4 layers) it is
+int8 per channel, as nemolite quantizes it in memory (nemolite.quant.model.quantize_module), in a second
+config group, ``targets: ["lm_head"]``, which compressed-tensors and vLLM match before the ``"Linear"``
+class target.
 
 Scales are written in the dtype nemolite quantized with (fp16 where exact, else fp32). vLLM casts
 scales to the model's dtype when it loads them: exact for fp16, a rounding of each scale (not of
@@ -76,14 +77,11 @@ def quantized_layers(hf_config: dict, spec: QuantSpec) -> tuple[set[str], list[s
     return {name + ".weight" for name in chosen}, left
 
 
-HEAD_SPEC = QuantSpec("int8", lm_head=True)  # what a quantized LM head is, whatever the layers' method
-
-
 def layer_spec(name: str, spec: QuantSpec) -> QuantSpec:
     """The spec the layer ``name`` (a checkpoint weight or module name) is quantized with."""
     from nemolite.quant.model import is_head
 
-    return HEAD_SPEC if is_head(name.removesuffix(".weight")) else spec
+    return spec.head if is_head(name.removesuffix(".weight")) else spec
 
 
 def _weights_args(spec: QuantSpec) -> dict:
@@ -102,8 +100,8 @@ def _group(targets: list[str], spec: QuantSpec) -> dict:
 def quantization_config(spec: QuantSpec, ignore: list[str]) -> dict:
     """config.json's ``quantization_config``, with the keys compressed-tensors' ``update_config`` writes."""
     groups = {"group_0": _group(["Linear"], spec)}
-    if spec.lm_head and spec.method != "int8":
-        groups["group_1"] = _group(["lm_head"], HEAD_SPEC)
+    if spec.lm_head and spec.head != spec:
+        groups["group_1"] = _group(["lm_head"], spec.head)
     return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
             "version": COMPRESSED_TENSORS_VERSION, "config_groups": groups,
             "ignore": list(ignore), "kv_cache_scheme": None, "global_compression_ratio": None,

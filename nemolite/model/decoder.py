@@ -79,7 +79,7 @@ class CausalLM(nn.Module):
             self.score = nn.Linear(config.hidden_size, len(config.reward_attributes), bias=True)
         elif parallel.is_last_stage:
             self.lm_head = Linear(config.hidden_size, local.vocab_size, bias=False)
-            self.lm_head.is_lm_head = True  # quantized to int8 whatever the method (nemolite.quant.model)
+            self.lm_head.is_lm_head = True  # quantized as QuantSpec.head says (nemolite.quant.model)
         self.tie_weights()
         parallelize(self, parallel)
 

@@ -46,13 +46,15 @@ def fused_bias(module: nn.Module) -> torch.Tensor | None:
 
 
 def quantize_module(module: nn.Module, spec: QuantSpec, weight: torch.Tensor | None = None) -> QuantizedLinear:
-    """The QuantizedLinear for one layer (its own weight unless ``weight`` is given). The LM head is int8
-    per channel whatever the spec: its errors go straight into every logit, which is why llama.cpp's
-    4-bit files keep it at 6 bits (Q6_K) or more."""
+    """The QuantizedLinear for one layer (its own weight unless ``weight`` is given). The LM head is
+    quantized as ``spec.head`` says: as the other layers, or int8 per channel (-head8). Its errors go
+    straight into every logit (llama.cpp's 4-bit files keep it at 6 bits, Q6_K), yet on the demo model an
+    int4 head adds 0.6 % perplexity to int4 layers' 1.9 % (llama.cpp's Q4_0: 10.9 %) and saves 14 MB a
+    decode step against int8."""
     weight = module.weight if weight is None else weight
     bias = fused_bias(module)
     if _is_head_module(module):
-        return quantize_weight(weight, "int8", None, True, bias)
+        spec = spec.head
     return quantize_weight(weight, spec.method, spec.group_size, spec.symmetric, bias)
 
 

@@ -124,9 +124,10 @@ def test_config_and_tensor_layout(source, tmp_path, spec):
 
 
 @needs_ct
-@pytest.mark.parametrize("spec", ["int8", "int4", "int4-g128", "int4-g64-asym", "int4-head"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "int4-g128", "int4-g64-asym", "int4-head", "int4-head8"])
 def test_compressed_tensors_decompressor_reproduces_nemolite_bit_exactly(source, tied_source, tmp_path, spec):
-    src = tied_source if spec.endswith("-head") else source  # -head on a tied model: the head gets its own
+    head = spec.endswith(("-head", "-head8"))
+    src = tied_source if head else source  # -head on a tied model: the head gets its own
     destination = convert(src, tmp_path / "out", quantization=spec, progress=False)
     parsed = parse_quantization(spec)
     if parsed.symmetric:  # the model LLM(SRC, quantization=spec) runs
@@ -138,7 +139,7 @@ def test_compressed_tensors_decompressor_reproduces_nemolite_bit_exactly(source,
         assert config["quantization_config"]["ignore"] == ["lm_head"]
         expected = {name: dequantize_reference(quantize_for_file(tensor.float(), parsed)[0])
                     for name, tensor in _float_tensors(src).items() if name.removesuffix(".weight") in quantized}
-    assert len(expected) == (15 if spec.endswith("-head") else 12)  # Llama: 7 linears a layer + the head
+    assert len(expected) == (15 if head else 12)  # Llama: 7 linears a layer + the head
     save_file({k: v.contiguous() for k, v in expected.items()}, str(tmp_path / "expected.safetensors"))
     result = subprocess.run([str(CT_PYTHON), str(CT_SCRIPT), str(destination), str(tmp_path / "expected.safetensors")],
                             capture_output=True, text=True, timeout=300, env=CT_ENV)
@@ -148,12 +149,15 @@ def test_compressed_tensors_decompressor_reproduces_nemolite_bit_exactly(source,
     assert len(report["layers"]) == len(expected)
     bad = {prefix: row for prefix, row in report["layers"].items() if not row.get("equal")}
     assert not bad, bad
-    if spec.endswith("-head"):
+    if head:
         config = json.loads((destination / "config.json").read_text())
         assert config["tie_word_embeddings"] is False and config["quantization_config"]["ignore"] == []
-        assert config["quantization_config"]["config_groups"]["group_1"]["targets"] == ["lm_head"]
+        groups = config["quantization_config"]["config_groups"]
         assert report["layers"]["model.layers.0.self_attn.q_proj"]["bits"] == 4
-        assert report["layers"]["lm_head"]["bits"] == 8  # an LM head is int8 per channel, as in memory
+        if spec.endswith("-head8"):  # int4 layers, an int8 head: two config groups, as in memory
+            assert groups["group_1"]["targets"] == ["lm_head"] and report["layers"]["lm_head"]["bits"] == 8
+        else:  # the head quantized as the other layers: the "Linear" group covers it
+            assert list(groups) == ["group_0"] and report["layers"]["lm_head"]["bits"] == 4
 
 
 @needs_ct
@@ -176,7 +180,7 @@ def test_transformers_loads_the_converted_checkpoint(source, tmp_path, spec):
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
-@pytest.mark.parametrize("spec", ["int4-g128", "int4-head"])  # -head: int4 layers and an int8 head, two config groups
+@pytest.mark.parametrize("spec", ["int4-g128", "int4-head", "int4-head8"])  # -head8: an int8 head, two config groups
 def test_nemolite_loads_the_converted_checkpoint_without_requantising(source, tmp_path, monkeypatch, spec):
     pytest.importorskip("nemolite.checkpoint.hf_quant")  # the compressed-tensors reader
     from nemolite import LLM
@@ -194,11 +198,12 @@ def test_nemolite_loads_the_converted_checkpoint_without_requantising(source, tm
     loaded = LLM(destination, dtype="float32", device="cpu").engine.model
     ours = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)}
     theirs = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
-    assert sorted(ours) == sorted(theirs) and len(ours) == (13 if spec.endswith("-head") else 12)
+    assert sorted(ours) == sorted(theirs) and len(ours) == (13 if "-head" in spec else 12)
     for name, layer in ours.items():
         assert torch.equal(layer.qweight, theirs[name].qweight) and torch.equal(layer.scales, theirs[name].scales)
         assert layer.scales.dtype == theirs[name].scales.dtype and layer.method == theirs[name].method
-        assert layer.group_size == (layer.in_features if name == "lm_head" else parse_quantization(spec).group_size)
+        expected = parse_quantization(spec).head if name == "lm_head" else parse_quantization(spec)
+        assert layer.group_size == (layer.in_features if expected.method == "int8" else expected.group_size)
     ids, positions = torch.tensor([IDS]), torch.arange(len(IDS))[None]
     with torch.no_grad():
         assert torch.equal(loaded(ids, positions), reference(ids, positions))

@@ -31,7 +31,8 @@ def demo():
     return model, tokenizer, tokenizer.encode(TEXT)
 
 
-@pytest.mark.parametrize("spec, most_loss", [("int8", 0.01), ("int4", 0.06), ("int4-g128-asym", 0.06)])
+@pytest.mark.parametrize("spec, most_loss", [("int8", 0.01), ("int4", 0.06), ("int4-g128-asym", 0.06),
+                                             ("int4-head", 0.08)])
 def test_quantized_demo_model_keeps_its_perplexity(demo, spec, most_loss):
     reference, _, ids = demo
     model, _ = load_checkpoint(resolve_model_path(None), "bfloat16", torch.device("cpu"),
@@ -55,6 +56,11 @@ def test_every_decoder_linear_is_quantized_and_heads_stay_float(demo):
     head, _ = load_checkpoint(resolve_model_path(None), "bfloat16", torch.device("cpu"),
                               quantization=parse_quantization("int8-head"))
     assert isinstance(head.lm_head, QuantizedLinear) and head.lm_head.method == "int8"
+    hidden = head.lm_head.in_features
+    for spelling, method, group in (("int4-head", "int4", 32), ("int4-g128-head8", "int8", hidden)):
+        head, _ = load_checkpoint(resolve_model_path(None), "bfloat16", torch.device("cpu"),
+                                  quantization=parse_quantization(spelling))
+        assert (head.lm_head.method, head.lm_head.group_size) == (method, group), spelling
 
 
 def test_llm_generates_through_the_quantized_kernels():
@@ -69,6 +75,7 @@ def test_llm_generates_through_the_quantized_kernels():
 
 @pytest.mark.parametrize("spelling, message", [
     ("int3", "not supported"), ("int4-g48", "group size"), ("int8-asym", "unknown option"), ("fp8", "not supported"),
+    ("int8-head8", "unknown option"),
 ])
 def test_bad_quantization_spellings_fail_before_loading(spelling, message):
     with pytest.raises(NemoliteError, match=message):
@@ -76,6 +83,6 @@ def test_bad_quantization_spellings_fail_before_loading(spelling, message):
 
 
 def test_spellings_round_trip():
-    for text in ("int8", "int4", "int4-g128", "int4-asym", "int4-g64-asym-head", "int8-head"):
+    for text in ("int8", "int4", "int4-g128", "int4-asym", "int4-g64-asym-head", "int8-head", "int4-g128-head8"):
         assert str(parse_quantization(text)) == text
     assert parse_quantization("none") is None and parse_quantization(None) is None
