@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from nemolite.engine.compiled import CONTEXT_BUCKET, CompiledDecoder
 from nemolite.engine.kv_cache import AttentionMetadata, PagedKVCache, PrefillSegment
 from nemolite.engine.scheduler import ScheduledBatch
 from nemolite.engine.sequence import Sequence
@@ -53,15 +54,14 @@ class ModelRunner:
         self.device = device
         self.decoder = None
         if compile and model.lm_head is not None:  # a reward model only prefills: nothing to compile
-            from nemolite.engine.compiled import CompiledDecoder
-
             self.decoder = CompiledDecoder(model)
 
-    def context_slots(self, seqs: list[Sequence], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def context_slots(self, seqs: list[Sequence], lengths: list[int],
+                      multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S] cache slots of each sequence's first ``lengths[i]`` positions (S = the longest, at least
-        1), padded with slot 0, and the [B, S] mask of the real ones."""
+        1, rounded up to a ``multiple``), padded with slot 0, and the [B, S] mask of the real ones."""
         size = self.cache.block_size
-        longest = max(1, max(lengths))
+        longest = -(-max(1, max(lengths)) // multiple) * multiple
         blocks = -(-longest // size)
         tables = torch.tensor([seq.block_table[:blocks] + [0] * (blocks - min(blocks, len(seq.block_table)))
                                for seq in seqs], dtype=torch.long)
@@ -151,7 +151,7 @@ class ModelRunner:
     def _execute_compiled(self, seqs: list[Sequence]) -> StepLogits:
         size, device = self.cache.block_size, self.device
         lengths = [seq.num_computed_tokens for seq in seqs]  # positions before the new token
-        slots, mask = self.context_slots(seqs, lengths)
+        slots, mask = self.context_slots(seqs, lengths, CONTEXT_BUCKET)  # the lengths the graphs take
         new_slots = slots.new_tensor([slot(seq, n, size) for seq, n in zip(seqs, lengths)])
         input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=device)
         logits, new_keys, new_values = self.decoder(input_ids, torch.tensor(lengths, device=device), slots.to(device),
