@@ -189,7 +189,10 @@ class CompiledDecoder:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, context_slots: torch.Tensor,
                  context_mask: torch.Tensor, key_caches: list, value_caches: list):
-        """input_ids, positions [B]; context_slots, context_mask [B, S] -> logits [B, V], new k/v per layer."""
+        """input_ids, positions [B]; context_slots, context_mask [B, S] -> logits [B, V], new k/v per layer.
+
+        S is a multiple of CONTEXT_BUCKET (ModelRunner.context_slots pads it): where a backend specialises
+        the length (CUDA does), graphs are still reused for 64 positions at a time."""
         batch = input_ids.shape[0]
         bucket = batch_bucket(batch)
         if bucket != batch:
@@ -198,12 +201,8 @@ class CompiledDecoder:
             positions = torch.cat([positions, positions.new_zeros(pad)])
             context_slots = torch.cat([context_slots, context_slots.new_zeros(pad, context_slots.shape[1])])
             context_mask = torch.cat([context_mask, context_mask.new_zeros(pad, context_mask.shape[1])])
-        # Context padded to a multiple of CONTEXT_BUCKET: where a backend specialises the length
-        # (CUDA does), graphs are still reused for 64 positions at a time.
-        padded = -(-context_slots.shape[1] // CONTEXT_BUCKET) * CONTEXT_BUCKET - context_slots.shape[1]
-        if padded:
-            context_slots = torch.cat([context_slots, context_slots.new_zeros(bucket, padded)], dim=1)
-            context_mask = torch.cat([context_mask, context_mask.new_zeros(bucket, padded)], dim=1)
+        if context_slots.shape[1] % CONTEXT_BUCKET:
+            raise ValueError(f"context length {context_slots.shape[1]} is not a multiple of {CONTEXT_BUCKET}")
         torch._dynamo.maybe_mark_dynamic(context_slots, 1)
         torch._dynamo.maybe_mark_dynamic(context_mask, 1)
         layers = [i for i, c in enumerate(key_caches) if c is not None]
