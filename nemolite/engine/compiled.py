@@ -126,6 +126,8 @@ class CompiledDecoder:
         # On CUDA the step is replayed as a CUDA graph (cudagraph trees): one launch instead of hundreds.
         self.cuda_graphs = first.device.type == "cuda"
         self.paged_kernel = cpu_kernels.has("decode_attention")  # decided here: a constant of the traced step
+        # the paged kernel takes the context lengths; attention over gathered keys masks the padding
+        self.reads_mask = not (first.device.type == "cpu" and self.paged_kernel)
         if first.device.type == "cpu":
             from nemolite.quant import QuantizedLinear, kernels
 
@@ -189,7 +191,8 @@ class CompiledDecoder:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, context_slots: torch.Tensor,
                  context_mask: torch.Tensor, key_caches: list, value_caches: list):
-        """input_ids, positions [B]; context_slots, context_mask [B, S] -> logits [B, V], new k/v per layer.
+        """input_ids, positions [B]; context_slots, context_mask [B, S] -> logits [B, V], the indices of the
+        layers with a cache, and their new keys and values [B, G, hd] in that order.
 
         S is a multiple of CONTEXT_BUCKET (ModelRunner.context_slots pads it): where a backend specialises
         the length (CUDA does), graphs are still reused for 64 positions at a time."""
@@ -203,8 +206,6 @@ class CompiledDecoder:
             context_mask = torch.cat([context_mask, context_mask.new_zeros(pad, context_mask.shape[1])])
         if context_slots.shape[1] % CONTEXT_BUCKET:
             raise ValueError(f"context length {context_slots.shape[1]} is not a multiple of {CONTEXT_BUCKET}")
-        torch._dynamo.maybe_mark_dynamic(context_slots, 1)
-        torch._dynamo.maybe_mark_dynamic(context_mask, 1)
         layers = [i for i, c in enumerate(key_caches) if c is not None]
         if self.cuda_graphs:
             for cache in (*key_caches, *value_caches):
@@ -225,6 +226,8 @@ class CompiledDecoder:
         if direct is not None:
             logits, new_keys, new_values = direct(inputs)
         else:
+            torch._dynamo.maybe_mark_dynamic(context_slots, 1)
+            torch._dynamo.maybe_mark_dynamic(context_mask, 1)
             self._tracing_inputs, self._traced = inputs, None
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=kind in self.compiled_kinds):
                 logits, new_keys, new_values = self.graph(input_ids, positions, context_slots, context_mask,
@@ -235,5 +238,6 @@ class CompiledDecoder:
         if new_bucket:
             self.compile_seconds += time.perf_counter() - started
             log.info("compiled the decode step for batch %d in %.1f s", bucket, time.perf_counter() - started)
-        return logits[:batch], dict(zip(layers, (k[:batch] for k in new_keys))), \
-            dict(zip(layers, (v[:batch] for v in new_values)))
+        if bucket != batch:
+            logits, new_keys, new_values = logits[:batch], [k[:batch] for k in new_keys], [v[:batch] for v in new_values]
+        return logits, layers, list(new_keys), list(new_values)

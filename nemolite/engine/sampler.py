@@ -122,6 +122,13 @@ def draw_with_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     return drawn.clamp(max=logits.shape[-1] - 1)
 
 
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax and logsumexp (fp32 [S, V]); on the CPU one pass of one kernel per row."""
+    if logits.device.type == "cpu" and logits.shape[-1] and cpu_kernels.has("greedy_rows"):
+        return torch.ops.nemolite.greedy_rows(logits)
+    return logits.argmax(-1), logits.logsumexp(-1)
+
+
 def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[torch.Generator],
            banned_ids: Rows[list[int] | None] | None = None) -> list[SampleResult]:
     """logits [S, V] -> a SampleResult per row.
@@ -136,8 +143,7 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
             if banned:
                 logits[row, banned] = float("-inf")
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
-    tokens = logits.argmax(-1) if len(sampled_rows) < len(params) else \
-        torch.zeros(len(params), dtype=torch.long, device=logits.device)
+    tokens, logsumexp = argmax_logsumexp(logits)
     if sampled_rows:
         device = logits.device
         rows = torch.tensor(sampled_rows, device=device)
@@ -156,7 +162,7 @@ def sample(logits: torch.Tensor, params: Rows[SamplingParams], generators: Rows[
     # logsumexp. Each request's figures depend on its own parameters alone, never on its batch.
     row_logprobs = [row for row, p in enumerate(params) if p.logprobs is not None or p.full_logprobs]
     logprobs = dict(zip(row_logprobs, logits[row_logprobs].log_softmax(-1))) if row_logprobs else {}
-    token_logprobs = (logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(-1)).tolist() \
+    token_logprobs = (logits.gather(1, tokens[:, None])[:, 0] - logsumexp).tolist() \
         if len(row_logprobs) < len(params) else None
     results = []
     for row, token in enumerate(token_list):

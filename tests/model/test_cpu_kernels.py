@@ -95,3 +95,28 @@ def test_store_rows_writes_every_layers_rows_at_their_slots(kernel):
         torch.ops.nemolite.store_rows(caches[:1], torch.tensor([40]), [rows[0][:1]])
     with pytest.raises(RuntimeError, match="dtype and row shape"):
         torch.ops.nemolite.store_rows(caches[:1], slots, [rows[1]])
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 4096, 32003])
+def test_greedy_rows_gives_torch_argmax_and_logsumexp(kernel, vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(5, vocab, generator=generator) * 8
+    logits[0, vocab // 2] = logits[0, vocab - 1] = 100.0  # a tie: the first index wins, as torch.argmax
+    tokens, logsumexp = torch.ops.nemolite.greedy_rows(logits)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.allclose(logsumexp, logits.logsumexp(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_rows_of_rows_with_infinities_and_nans(kernel):
+    logits = torch.randn(4, 100)
+    logits[0] = float("-inf")  # every token banned
+    logits[1, 20] = float("inf")
+    logits[2, 30] = logits[2, 60] = float("nan")  # the first NaN, as torch.argmax
+    logits[3, :50] = float("-inf")
+    tokens, logsumexp = torch.ops.nemolite.greedy_rows(logits)
+    assert tokens.tolist() == logits.argmax(-1).tolist() == [0, 20, 30, logits[3].argmax().item()]
+    want = logits.logsumexp(-1)
+    assert logsumexp[:2].tolist() == [float("-inf"), float("inf")] and logsumexp[2].isnan()
+    assert torch.allclose(logsumexp[3], want[3])
+    with pytest.raises(RuntimeError, match="fp32 logits"):
+        torch.ops.nemolite.greedy_rows(logits.double())
