@@ -78,6 +78,7 @@ class LLMEngine:
                 raise NemoliteError(f"--threads must be >= 1, got {args.cpu_threads}")
             torch.set_num_threads(args.cpu_threads)
             self._step_threads = (args.cpu_threads, args.cpu_prefill_threads or args.cpu_threads)
+        model.fuse_projections()  # q/k/v and gate/up each one layer: fewer, larger GEMMs and kernel calls
         if self.device.type == "cpu" and not args.compile:  # compiling prepacks weights its own way (freezing)
             model.prepack_linears()
         parallel = model.parallel

@@ -96,6 +96,13 @@ class CausalLM(nn.Module):
         return sum(module.prepack(keep_weight=tied and module is self.lm_head)
                    for module in self.modules() if isinstance(module, Linear))
 
+    def fuse_projections(self) -> int:
+        """Inference: each attention's q, k, v and each SwiGLU MLP's gate and up as one layer (their weights
+        stacked, the separate layers dropped: parameter names no longer match the checkpoint's). Outputs
+        are the same row by row. Returns how many layers were fused."""
+        return sum(module.fuse_projections() for module in list(self.modules()) if hasattr(module, "fuse_projections")
+                   and module is not self)
+
     def checkpoint_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters to fill, by checkpoint tensor name. A tied LM head on a last pipeline stage
         without the embedding is filled from the embedding's tensor."""

@@ -38,6 +38,30 @@ class Linear(nn.Linear):
             return cpu_kernels.packed_linear(x, self.packed, self.bias)
         return cpu_kernels.linear(x, self.weight, self.bias)
 
+    @classmethod
+    def concatenate(cls, layers: list["Linear"]) -> "Linear | None":
+        """One layer whose outputs are the layers' outputs side by side (weights stacked by rows); None
+        when they cannot be one (other inputs, dtypes or bias, a prepacked weight)."""
+        first = layers[0]
+        if any(type(layer) is not cls or layer.packed is not None or layer.in_features != first.in_features
+               or layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device
+               or (layer.bias is None) != (first.bias is None) for layer in layers):
+            return None
+        fused = cls(first.in_features, sum(layer.out_features for layer in layers), bias=first.bias is not None,
+                    device="meta")
+        fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]), requires_grad=False)
+        return fused
+
+
+def concatenate_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """``layers`` (all of one class with a ``concatenate``: Linear, QuantizedLinear) as one layer, or None."""
+    kind = type(layers[0])
+    if not hasattr(kind, "concatenate") or any(type(layer) is not kind for layer in layers):
+        return None
+    return kind.concatenate(layers)
+
 
 class LayerNorm1P(nn.Module):
     """LayerNorm with a zero-centred weight: ``layer_norm(x, weight + 1, bias)`` (NeMo layernorm1p)."""
@@ -130,12 +154,28 @@ class Attention(nn.Module):
         self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv_proj = None  # q, k and v as one layer once fuse_projections() has run
+
+    def fuse_projections(self) -> bool:
+        """Compute q, k and v with one layer from now on (one weight pass, one kernel call instead of three:
+        ~0.3 ms of a 5 ms batch-1 int4 step on 2 cores); q_proj, k_proj and v_proj are dropped. True if fused."""
+        fused = None if self.qkv_proj is not None else concatenate_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv_width = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is None:
             out = causal_attention(q, k, v)
@@ -227,8 +267,21 @@ class SwiGLUMLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, width, bias=config.mlp_bias)
         self.up_proj = Linear(config.hidden_size, width, bias=config.mlp_bias)
         self.down_proj = Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = None  # gate and up as one layer once fuse_projections() has run
+
+    def fuse_projections(self) -> bool:
+        """Compute gate and up with one layer from now on; gate_proj and up_proj are dropped. True if fused."""
+        fused = None if self.gate_up_proj is not None else concatenate_linears([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -85,6 +85,20 @@ class QuantizedLinear(nn.Module):
             scales = _compact(scales)
         return cls("int4", in_features, out_features, group_size, pack_int4(values), scales, mins, bias)
 
+    @classmethod
+    def concatenate(cls, layers: list["QuantizedLinear"]) -> "QuantizedLinear | None":
+        """One layer whose outputs are the layers' outputs side by side (rows stacked: values, scales and mins
+        as stored, so every output is computed as before); None when their storage differs."""
+        first = layers[0]
+        key = lambda layer: (type(layer), layer.method, layer.in_features, layer.group_size, layer.qweight.dtype,
+                             layer.scales.dtype, layer.qweight.device, layer.mins is None, layer.bias is None,
+                             None if layer.bias is None else layer.bias.dtype)
+        if any(key(layer) != key(first) for layer in layers):
+            return None
+        cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(layer, name) for layer in layers])
+        return cls(first.method, first.in_features, sum(layer.out_features for layer in layers), first.group_size,
+                   cat("qweight"), cat("scales"), cat("mins"), cat("bias"))
+
     # -- reference ------------------------------------------------------------------------------------
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
