@@ -669,6 +669,134 @@ torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optio
   return out;
 }
 
+// ---- int4, weight rows interleaved by eights (QuantizedLinear.interleave_rows) --------------------
+// The row-major int4 kernel above spends most of its instructions per row and block (a convert, a lane
+// permute and an FMA for every 16 bytes of weights): at one activation row it was bound by them, not by
+// memory (the bench model's int4 layers at 22 GB/s where Tensor.sum reads 38). Eight rows side by side
+// let one instruction serve all eight: per block of 32 columns of rows 8g .. 8g + 7 the 128 bytes are
+// four 32-byte chunks, chunk c holding bytes 4c .. 4c + 3 of each row's 16 (lane i = row 8g + i: columns
+// 4c .. 4c + 3 in the low nibbles, 16 + 4c .. 16 + 4c + 3 in the high ones). Each chunk is unpacked once
+// for every activation row, multiplied with that row's four activation bytes broadcast to all lanes, and
+// the chunks' int16 sums add up in int16 (4 chunks x 2 x 2 x 15 x 127 = 30480 < 2^15); one multiply-add
+// then gives the eight rows' int32 dot products of the block, and one convert and two FMAs scale them.
+// qweight [N / 8, K / 32, 4, 8, 4] bytes, scales and mins [N / 8, groups, 8] (as [N, K / 2], [N, groups]).
+#ifdef NEMOLITE_AVX2
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// sum += lo x xl + hi x xh over each group of four bytes (u4 x s8). With VNNI the sums are int32 lanes
+// (vpdpbusd); with AVX2 they are int16 pairs (vpmaddubsw), made int32 by ``rows8_dot`` once per block.
+inline __m256i rows8_accumulate(__m256i sum, __m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(sum, lo, xl), hi, xh);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(sum, lo, xl), hi, xh);
+#else
+  return _mm256_add_epi16(sum, _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
+#endif
+}
+
+inline __m256 rows8_dot(__m256i sum) {
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+  return _mm256_cvtepi32_ps(sum);
+#else
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(sum, _mm256_set1_epi16(1)));
+#endif
+}
+
+constexpr int ROWS8_TILE = 4;  // activation rows a pass: their int16 and float sums stay in registers
+
+// out[r] (lane i: weight row 8g + i) for activation rows m0 .. m0 + R - 1 against one group of 8 rows.
+template <int R, bool Mins, typename S>
+NEMOLITE_INLINE void int4_rows8(const uint8_t* w, const S* scales, const S* mins, int64_t KB, int64_t group_blocks,
+                                const QuantizedRows& x, int64_t m0, __m256* out) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  constexpr int A = R == 1 ? 2 : 1;  // at one row two accumulators, so that a block's FMAs need not wait
+  __m256 acc[A][R];
+  for (int a = 0; a < A; ++a)
+    for (int r = 0; r < R; ++r) acc[a][r] = _mm256_setzero_ps();
+  int64_t group = 0, left = group_blocks;
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* block = w + b * 128;
+    _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_BYTES), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_BYTES + 64), _MM_HINT_T0);
+    __m256i sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+      const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xq = x.block_q(b, m0 + r);
+        sums[r] = rows8_accumulate(sums[r], lo, broadcast4(xq + 4 * c), hi, broadcast4(xq + 16 + 4 * c));
+      }
+    }
+    const __m256 scale = load8(scales + group * 8);
+    const __m256 zero = Mins ? load8(mins + group * 8) : _mm256_setzero_ps();
+    __m256* sum = acc[A == 2 ? (b & 1) : 0];
+    for (int r = 0; r < R; ++r) {
+      const __m256 dot = rows8_dot(sums[r]);
+      const float d = x.block_d(b, m0 + r), block_sum = x.block_s(b, m0 + r);
+      if constexpr (Mins) {  // s q d + min d sum(q)
+        sum[r] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(d)), scale, sum[r]);
+        sum[r] = _mm256_fmadd_ps(zero, _mm256_set1_ps(block_sum), sum[r]);
+      } else {  // s (q d - 8 d sum(q))
+        sum[r] = _mm256_fmadd_ps(_mm256_fmadd_ps(dot, _mm256_set1_ps(d), _mm256_set1_ps(-8.f * block_sum)), scale, sum[r]);
+      }
+    }
+    if (--left == 0) { ++group; left = group_blocks; }
+  }
+  for (int r = 0; r < R; ++r) out[r] = A == 2 ? _mm256_add_ps(acc[0][r], acc[A - 1][r]) : acc[0][r];
+}
+
+template <typename S, typename T>
+void rows8_matmul(const uint8_t* W, const S* scales, const S* mins, int64_t N, int64_t K, int64_t group,
+                  const QuantizedRows& x, T* Y) {
+  const int64_t KB = K / QK, groups = K / group, group_blocks = group / QK;
+  at::parallel_for(0, N / 8, 2, [&](int64_t begin, int64_t end) {
+    auto tile = [&](auto size, int64_t g, int64_t m0) {
+      constexpr int R = decltype(size)::value;
+      __m256 out[R];
+      const S* z = mins ? mins + g * groups * 8 : nullptr;
+      if (z) int4_rows8<R, true>(W + g * KB * 128, scales + g * groups * 8, z, KB, group_blocks, x, m0, out);
+      else int4_rows8<R, false>(W + g * KB * 128, scales + g * groups * 8, z, KB, group_blocks, x, m0, out);
+      for (int r = 0; r < R; ++r) store8(Y + (m0 + r) * N + g * 8, out[r]);
+    };
+    for (int64_t g = begin; g < end; ++g)  // the group's weights stay in cache for every tile of rows
+      for (int64_t m0 = 0; m0 < x.M; m0 += ROWS8_TILE) {
+        switch (std::min<int64_t>(ROWS8_TILE, x.M - m0)) {
+          case 1: tile(std::integral_constant<int, 1>{}, g, m0); break;
+          case 2: tile(std::integral_constant<int, 2>{}, g, m0); break;
+          case 3: tile(std::integral_constant<int, 3>{}, g, m0); break;
+          default: tile(std::integral_constant<int, 4>{}, g, m0); break;
+        }
+      }
+  });
+}
+
+torch::Tensor linear_int4_rows8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                c10::optional<torch::Tensor> mins, int64_t group_size) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kByte, "int4 qweight must be uint8 (two values a byte)");
+  check_layer(x, qweight, scales, mins, group_size, true);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(N % 8 == 0, "rows interleaved by eights need a multiple of 8 rows");
+  QuantizedRows rows = x.scalar_type() == torch::kFloat ? quantize_rows(x.data_ptr<float>(), M, K, false)
+                                                         : quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, false);
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* W = qweight.data_ptr<uint8_t>();
+  with_scales(scales, mins, [&](auto* typed_scales, auto* typed_mins) {
+    if (x.scalar_type() == torch::kFloat) {
+      rows8_matmul(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<float>());
+    } else {
+      rows8_matmul(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<c10::BFloat16>());
+    }
+  });
+  return y;
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nemolite, m) {
@@ -676,10 +804,16 @@ TORCH_LIBRARY_FRAGMENT(nemolite, m) {
   m.def("linear_int4(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int group_size, bool reference=False) "
         "-> Tensor");
   m.def("dequantize(Tensor qweight, Tensor scales, Tensor? mins, int group_size, bool int4, bool to_bf16) -> Tensor");
+#ifdef NEMOLITE_AVX2
+  m.def("linear_int4_rows8(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int group_size) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize", &dequantize);
+#ifdef NEMOLITE_AVX2
+  m.impl("linear_int4_rows8", &linear_int4_rows8);
+#endif
 }

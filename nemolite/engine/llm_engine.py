@@ -34,6 +34,7 @@ from nemolite.engine.sequence import Sequence
 from nemolite.engine.validation import RequestLimits, validate_request
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
+from nemolite.quant.model import interleave_rows
 from nemolite.quant.spec import parse_quantization
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -79,6 +80,8 @@ class LLMEngine:
             torch.set_num_threads(args.cpu_threads)
             self._step_threads = (args.cpu_threads, args.cpu_prefill_threads or args.cpu_threads)
         model.fuse_projections()  # q/k/v and gate/up each one layer: fewer, larger GEMMs and kernel calls
+        if self.device.type == "cpu":
+            interleave_rows(model)  # int4 weights in the CPU kernel's layout
         if self.device.type == "cpu" and not args.compile:  # compiling prepacks weights its own way (freezing)
             model.prepack_linears()
         parallel = model.parallel

@@ -69,7 +69,7 @@ def _build() -> bool:
 
         log.info("loading the CPU kernels (the first time builds them with the C++ compiler, ~1 min)")
         cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]  # a cache shared across CPUs stays right
-        load_extension(f"nemolite_cpu_kernels_v35_{cpu}", [str(CSRC / name) for name in SOURCES],
+        load_extension(f"nemolite_cpu_kernels_v37_{cpu}", [str(CSRC / name) for name in SOURCES],
                        is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: gathered attention and oneDNN
@@ -91,6 +91,9 @@ def _build() -> bool:
             lambda qweight, scales, mins, group_size, int4, to_bf16: qweight.new_empty(
                 qweight.shape[0], qweight.shape[1] * (2 if int4 else 1),
                 dtype=torch.bfloat16 if to_bf16 else torch.float32))
+    if hasattr(torch.ops.nemolite, "linear_int4_rows8"):
+        torch.library.register_fake("nemolite::linear_int4_rows8")(
+            lambda x, qweight, scales, mins, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
     return True
 
 

@@ -53,6 +53,8 @@ def _calibrate(dtype: torch.dtype, method: str) -> int:
     # several distinct layers, timed in one pass: a model's weights come from memory, not a warm cache
     # (one warm 2048 x 1024 layer favoured dequantize + GEMM, which writes and rereads a float copy)
     layers = [quantize_weight(torch.randn(2048, 2048, generator=generator), method) for _ in range(4)]
+    for layer in layers:
+        layer.interleave_rows()  # as the engine's int4 layers are
 
     def medians(*functions) -> list[float]:
         """Median seconds of each, timed in turn (a noisy machine's drift hits both alike)."""
@@ -83,7 +85,7 @@ def _calibrate(dtype: torch.dtype, method: str) -> int:
 
 def available(op: str) -> bool:
     """True when the extension has ``op`` ("int8", "int4" or "dequantize") on this CPU."""
-    return cpu_kernels.has({"int8": "linear_int8", "int4": "linear_int4"}.get(op, op))
+    return cpu_kernels.has({"int8": "linear_int8", "int4": "linear_int4", "int4_rows8": "linear_int4_rows8"}.get(op, op))
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -92,11 +94,14 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous() if dtype in (torch.float32, torch.bfloat16) else x.float().contiguous()
     if layer.method == "int8":
         out = torch.ops.nemolite.linear_int8(x, layer.qweight, layer.scales, layer.group_size)
+    elif layer.rows8:
+        out = torch.ops.nemolite.linear_int4_rows8(x, layer.qweight, layer.scales, layer.mins, layer.group_size)
     else:
         out = torch.ops.nemolite.linear_int4(x, layer.qweight, layer.scales, layer.mins, layer.group_size)
     return out if out.dtype == dtype else out.to(dtype)
 
 
 def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ops.nemolite.dequantize(layer.qweight, layer.scales, layer.mins, layer.group_size,
-                                         layer.method == "int4", dtype == torch.bfloat16)
+    qweight, scales, mins = layer.row_major()
+    return torch.ops.nemolite.dequantize(qweight, scales, mins, layer.group_size, layer.method == "int4",
+                                         dtype == torch.bfloat16)

@@ -98,6 +98,12 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     return model
 
 
+def interleave_rows(model: nn.Module) -> int:
+    """CPU inference: every int4 layer the CPU kernel runs stored with its rows interleaved by eights
+    (QuantizedLinear.interleave_rows). Returns how many were."""
+    return sum(module.interleave_rows() for module in model.modules() if isinstance(module, QuantizedLinear))
+
+
 def quantized_weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's quantized layers (values, scales, mins)."""
     return sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantizedLinear))

@@ -163,3 +163,43 @@ def test_a_layer_asks_for_its_own_methods_row_limit(ops, monkeypatch):
     quantize_weight(weight, "int4")(x)
     quantize_weight(weight, "int8")(x)
     assert calls == ["int4"]  # 32 rows: int4's kernel, int8's dequantize + GEMM
+
+
+INT4_SHAPES = [shape for shape in SHAPES if shape[0] == "int4"]
+
+
+@pytest.mark.parametrize("method, group, symmetric, columns", INT4_SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_interleaved_by_eight_give_the_row_major_kernels_results(ops, method, group, symmetric, columns, rows,
+                                                                       dtype):
+    """The interleaved int4 kernel (tiles of 4 activation rows: 1, 3, 4, 5 and 11 rows take every tile size)
+    against the python model of the arithmetic; its layout undoes exactly."""
+    if not cpu_kernels.has("linear_int4_rows8"):
+        pytest.skip("the interleaved kernel needs AVX2")
+    from nemolite.quant import kernels
+
+    generator = torch.Generator().manual_seed(rows * 11 + group + columns)
+    layer = quantize_weight(torch.randn(72, columns, generator=generator) * 0.05, method, group, symmetric)
+    x = (torch.randn(rows, columns, generator=generator) * 3).to(dtype)
+    expected, stored = python_reference(layer, x.float()), layer.row_major()
+    reference = dequantize_reference(layer)
+    assert layer.interleave_rows() and layer.rows8 and not layer.interleave_rows()
+    assert not torch.equal(layer.qweight, stored[0])  # the bytes did move
+    assert all(torch.equal(a, b) if a is not None else b is None for a, b in zip(layer.row_major(), stored))
+    assert torch.equal(dequantize_reference(layer), reference) and torch.equal(layer.dequantize(), reference)
+    got = kernels.linear(layer, x)
+    assert got.dtype == dtype and got.shape == (rows, 72)
+    scale = expected.abs().max()
+    assert (got.float() - expected).abs().max() <= 1e-5 * scale + (0.01 * scale if dtype == torch.bfloat16 else 0)
+
+
+def test_only_int4_layers_of_whole_eights_of_rows_are_interleaved(ops):
+    if not cpu_kernels.has("linear_int4_rows8"):
+        pytest.skip("the interleaved kernel needs AVX2")
+    weight = torch.randn(44, 64)
+    odd, int8 = quantize_weight(weight, "int4", 32), quantize_weight(weight[:40], "int8")
+    assert not odd.interleave_rows() and not odd.rows8
+    assert not int8.interleave_rows()
+    with pytest.raises(RuntimeError, match="multiple of 8 rows"):
+        ops.linear_int4_rows8(torch.randn(1, 64), odd.qweight, odd.scales, None, 32)
