@@ -671,7 +671,7 @@ torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, c10::optio
 
 // ---- int4, weight rows interleaved by eights (QuantizedLinear.interleave_rows) --------------------
 // The row-major int4 kernel above spends most of its instructions per row and block (a convert, a lane
-// permute and an FMA for every 16 bytes of weights): at one activation row it was bound by them, not by
+// permute and an FMA for every 32 bytes of weights): at one activation row it was bound by them, not by
 // memory (the bench model's int4 layers at 22 GB/s where Tensor.sum reads 38). Eight rows side by side
 // let one instruction serve all eight: per block of 32 columns of rows 8g .. 8g + 7 the 128 bytes are
 // four 32-byte chunks, chunk c holding bytes 4c .. 4c + 3 of each row's 16 (lane i = row 8g + i: columns

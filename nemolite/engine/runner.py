@@ -178,7 +178,8 @@ class ModelRunner:
         if key != self._context_key:
             self._context_key = key
             self._context_slots = self.context_slots(seqs, lengths, CONTEXT_BUCKET)[0].to(self.device)
-            self._context_mask = torch.ones(len(seqs), longest, dtype=torch.bool, device=self.device)
+            if not self.decoder.reads_mask:
+                self._context_mask = torch.ones(len(seqs), longest, dtype=torch.bool, device=self.device)
         if not self.decoder.reads_mask:
             return self._context_slots, self._context_mask
         mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]

@@ -57,10 +57,8 @@ class Linear(nn.Linear):
 
 def concatenate_linears(layers: list[nn.Module]) -> nn.Module | None:
     """``layers`` (all of one class with a ``concatenate``: Linear, QuantizedLinear) as one layer, or None."""
-    kind = type(layers[0])
-    if not hasattr(kind, "concatenate") or any(type(layer) is not kind for layer in layers):
-        return None
-    return kind.concatenate(layers)
+    kind = type(layers[0])  # each concatenate refuses layers of another class
+    return kind.concatenate(layers) if hasattr(kind, "concatenate") else None
 
 
 class LayerNorm1P(nn.Module):
