@@ -27,6 +27,9 @@
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define NEMOLITE_AVX2 1
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define NEMOLITE_VNNI 1  // vpdpbusd on 256-bit registers
+#endif
 #endif
 
 namespace {
@@ -158,6 +161,17 @@ void quantize_block_avx2(const T* x, int8_t* q, float* d, float* s) {
   *d = scale;
   *s = scale * static_cast<float>(sum);
 }
+
+#ifdef NEMOLITE_VNNI
+// sum + the u8 x s8 products of each group of four bytes, in 8 int32 lanes (no int16 saturation).
+inline __m256i dpbusd(__m256i sum, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(sum, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(sum, u, s);
+#endif
+}
+#endif
 
 // Sum of u8 x s8 products of each group of four bytes: 8 int32 lanes (lane i = bytes 4i .. 4i + 3).
 inline __m256i dot_u8s8(__m256i u, __m256i s) {
@@ -751,17 +765,82 @@ NEMOLITE_INLINE void int4_rows8(const uint8_t* w, const S* scales, const S* mins
   for (int r = 0; r < R; ++r) out[r] = A == 2 ? _mm256_add_ps(acc[0][r], acc[A - 1][r]) : acc[0][r];
 }
 
-template <typename S, typename T>
+#ifdef NEMOLITE_VNNI
+// int8 rows interleaved by eights, the int4 layout's twin: per block of 32 columns of rows 8g .. 8g + 7 the
+// 256 bytes are eight 32-byte chunks, chunk c holding bytes 4c .. 4c + 3 of each row (lane i = row 8g + i).
+// vpdpbusd takes an unsigned operand: each chunk is flipped to w + 128 once (xor 0x80) for every activation
+// row, whose four bytes are broadcast to all lanes; one instruction then adds 32 products for eight rows.
+// The + 128 adds 128 x the block's activation sum, taken off with the activation scale: a block costs one
+// convert and one or two FMAs for all eight rows (the row-major kernel paid a sign, a convert and an FMA
+// per row). Scales: one per row (PerRow: applied once at the end) or per group of 32 << k columns,
+// [N / 8, groups, 8] like int4's. qweight [N / 8, K / 32, 8, 8, 4] bytes (as [N, K]).
+template <int R, bool PerRow, typename S>
+NEMOLITE_INLINE void int8_rows8(const int8_t* w, const S* scales, int64_t KB, int64_t group_blocks,
+                                const QuantizedRows& x, int64_t m0, __m256* out) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t group = 0, left = group_blocks;
+  for (int64_t b = 0; b < KB; ++b) {
+    const int8_t* block = w + b * 256;
+    for (int line = 0; line < 256; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(block + PREFETCH_BYTES + line), _MM_HINT_T0);
+    // at one activation row two int32 chains (even and odd chunks): eight dependent vpdpbusd bound that loop
+    constexpr int C = R == 1 ? 2 : 1;
+    __m256i sums[C][R];
+    for (int k = 0; k < C; ++k)
+      for (int r = 0; r < R; ++r) sums[k][r] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c)), flip);
+      for (int r = 0; r < R; ++r)
+        sums[c % C][r] = dpbusd(sums[c % C][r], u, broadcast4(x.block_q(b, m0 + r) + 4 * c));
+    }
+    if constexpr (C == 2) sums[0][0] = _mm256_add_epi32(sums[0][0], sums[1][0]);
+    if constexpr (PerRow) {  // sum over blocks of d q x; the 128 d sum(q) terms come off at the end
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[0][r]), _mm256_set1_ps(x.block_d(b, m0 + r)), acc[r]);
+    } else {  // s (q d - 128 d sum(q))
+      const __m256 scale = load8(scales + group * 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[0][r]), _mm256_set1_ps(x.block_d(b, m0 + r)),
+                                           _mm256_set1_ps(-128.f * x.block_s(b, m0 + r)));
+        acc[r] = _mm256_fmadd_ps(dot, scale, acc[r]);
+      }
+      if (--left == 0) { ++group; left = group_blocks; }
+    }
+  }
+  if constexpr (PerRow) {
+    const __m256 scale = load8(scales);
+    for (int r = 0; r < R; ++r)
+      out[r] = _mm256_mul_ps(_mm256_sub_ps(acc[r], _mm256_set1_ps(128.f * x.gs[m0 + r])), scale);
+  } else {
+    for (int r = 0; r < R; ++r) out[r] = acc[r];
+  }
+}
+#endif
+
+// Y [M, N] for rows interleaved by eights (int4, or int8 where the CPU has VNNI): each thread takes groups
+// of eight weight rows and runs every tile of activation rows against a group while it is in cache.
+template <bool Int8, typename S, typename T>
 void rows8_matmul(const uint8_t* W, const S* scales, const S* mins, int64_t N, int64_t K, int64_t group,
                   const QuantizedRows& x, T* Y) {
   const int64_t KB = K / QK, groups = K / group, group_blocks = group / QK;
+  const int64_t group_bytes = KB * (Int8 ? 256 : 128);
   at::parallel_for(0, N / 8, 2, [&](int64_t begin, int64_t end) {
     auto tile = [&](auto size, int64_t g, int64_t m0) {
       constexpr int R = decltype(size)::value;
       __m256 out[R];
       const S* z = mins ? mins + g * groups * 8 : nullptr;
-      if (z) int4_rows8<R, true>(W + g * KB * 128, scales + g * groups * 8, z, KB, group_blocks, x, m0, out);
-      else int4_rows8<R, false>(W + g * KB * 128, scales + g * groups * 8, z, KB, group_blocks, x, m0, out);
+      const S* s = scales + g * groups * 8;
+#ifdef NEMOLITE_VNNI
+      if constexpr (Int8) {
+        const int8_t* w = reinterpret_cast<const int8_t*>(W + g * group_bytes);
+        if (groups == 1) int8_rows8<R, true>(w, s, KB, group_blocks, x, m0, out);
+        else int8_rows8<R, false>(w, s, KB, group_blocks, x, m0, out);
+      } else
+#endif
+      if (z) int4_rows8<R, true>(W + g * group_bytes, s, z, KB, group_blocks, x, m0, out);
+      else int4_rows8<R, false>(W + g * group_bytes, s, z, KB, group_blocks, x, m0, out);
       for (int r = 0; r < R; ++r) store8(Y + (m0 + r) * N + g * 8, out[r]);
     };
     for (int64_t g = begin; g < end; ++g)  // the group's weights stay in cache for every tile of rows
@@ -788,9 +867,32 @@ torch::Tensor linear_int4_rows8(torch::Tensor x, torch::Tensor qweight, torch::T
   const uint8_t* W = qweight.data_ptr<uint8_t>();
   with_scales(scales, mins, [&](auto* typed_scales, auto* typed_mins) {
     if (x.scalar_type() == torch::kFloat) {
-      rows8_matmul(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<float>());
+      rows8_matmul<false>(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<float>());
     } else {
-      rows8_matmul(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<c10::BFloat16>());
+      rows8_matmul<false>(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<c10::BFloat16>());
+    }
+  });
+  return y;
+}
+#endif
+
+#ifdef NEMOLITE_VNNI
+torch::Tensor linear_int8_rows8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, int64_t group_size) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kChar, "int8 qweight must be int8");
+  check_layer(x, qweight, scales, c10::nullopt, group_size, false);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(N % 8 == 0 && group_size % QK == 0, "int8 rows interleaved by eights need a multiple of 8 rows "
+              "and groups of whole blocks");
+  QuantizedRows rows = x.scalar_type() == torch::kFloat ? quantize_rows(x.data_ptr<float>(), M, K, false)
+                                                         : quantize_rows(x.data_ptr<c10::BFloat16>(), M, K, false);
+  if (group_size == K) rows.sum_groups(K / QK);  // the per-row kernel takes each row's 128 d sum(q) at the end
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* W = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  with_scales(scales, c10::nullopt, [&](auto* typed_scales, auto* typed_mins) {
+    if (x.scalar_type() == torch::kFloat) {
+      rows8_matmul<true>(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<float>());
+    } else {
+      rows8_matmul<true>(W, typed_scales, typed_mins, N, K, group_size, rows, y.data_ptr<c10::BFloat16>());
     }
   });
   return y;
@@ -807,6 +909,9 @@ TORCH_LIBRARY_FRAGMENT(nemolite, m) {
 #ifdef NEMOLITE_AVX2
   m.def("linear_int4_rows8(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int group_size) -> Tensor");
 #endif
+#ifdef NEMOLITE_VNNI
+  m.def("linear_int8_rows8(Tensor x, Tensor qweight, Tensor scales, int group_size) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
@@ -815,5 +920,8 @@ TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
   m.impl("dequantize", &dequantize);
 #ifdef NEMOLITE_AVX2
   m.impl("linear_int4_rows8", &linear_int4_rows8);
+#endif
+#ifdef NEMOLITE_VNNI
+  m.impl("linear_int8_rows8", &linear_int8_rows8);
 #endif
 }

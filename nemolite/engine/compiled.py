@@ -134,6 +134,9 @@ class CompiledDecoder:
             # measured before tracing (constants inside the graph), for the methods the model has
             for method in {m.method for m in model.modules() if isinstance(m, QuantizedLinear) and m.cpu_kernel}:
                 kernels.max_kernel_rows(first.dtype, method)
+        from nemolite.quant import kernels
+
+        kernels.keep_dequantize_unfolded()  # quantized weights stay quantized in the frozen graph
         if self.cuda_graphs:
             self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True, mode="reduce-overhead")
         else:

@@ -69,7 +69,7 @@ def _build() -> bool:
 
         log.info("loading the CPU kernels (the first time builds them with the C++ compiler, ~1 min)")
         cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]  # a cache shared across CPUs stays right
-        load_extension(f"nemolite_cpu_kernels_v38_{cpu}", [str(CSRC / name) for name in SOURCES],
+        load_extension(f"nemolite_cpu_kernels_v39_{cpu}", [str(CSRC / name) for name in SOURCES],
                        is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: gathered attention and oneDNN
@@ -94,6 +94,9 @@ def _build() -> bool:
     if hasattr(torch.ops.nemolite, "linear_int4_rows8"):
         torch.library.register_fake("nemolite::linear_int4_rows8")(
             lambda x, qweight, scales, mins, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
+    if hasattr(torch.ops.nemolite, "linear_int8_rows8"):
+        torch.library.register_fake("nemolite::linear_int8_rows8")(
+            lambda x, qweight, scales, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
     return True
 
 

@@ -101,15 +101,17 @@ class QuantizedLinear(nn.Module):
                    cat("qweight"), cat("scales"), cat("mins"), cat("bias"))
 
     def interleave_rows(self) -> bool:
-        """CPU inference, int4: store the rows interleaved by eights, the layout of the CPU kernel that serves
-        eight rows with each instruction (nemolite/csrc/quant_kernels.cpp; on the bench model's layers, 2-core AVX512-VNNI
-        machine: the row-major kernel's rate at one activation row, 1.46 x at 8 rows, 1.8 x at 32). Same bytes, same shapes, other order: every
+        """CPU inference: store the rows interleaved by eights, the layout of the CPU kernels that serve eight
+        rows with each instruction (nemolite/csrc/quant_kernels.cpp). int4 on the bench model's layers, 2-core
+        AVX512-VNNI machine: the row-major kernel's rate at one activation row, 1.46 x at 8 rows, 1.8 x at 32;
+        int8 (CPUs with VNNI; groups of whole blocks) likewise. Same bytes, same shapes, other order: every
         other reader goes through ``row_major()``. True when the layer now has that layout."""
-        if (self.rows8 or self.method != "int4" or not self.cpu_kernel or self.out_features % 8
-                or self.qweight.device.type != "cpu" or not kernels.available("int4_rows8")):
+        kernel = {"int4": "int4_rows8", "int8": "int8_rows8"}[self.method]
+        if (self.rows8 or not self.cpu_kernel or self.out_features % 8 or self.group_size % BLOCK
+                or self.qweight.device.type != "cpu" or not kernels.available(kernel)):
             return False
-        n, groups = self.out_features, self.scales.shape[1]
-        self.qweight = self.qweight.view(n // 8, 8, self.in_features // BLOCK, 4, 4).transpose(1, 2) \
+        n, groups, chunks = self.out_features, self.scales.shape[1], self._chunks
+        self.qweight = self.qweight.view(n // 8, 8, self.in_features // BLOCK, chunks, 4).transpose(1, 2) \
             .transpose(2, 3).contiguous().view(n, -1)
         rows = lambda t: None if t is None else t.view(n // 8, 8, groups).transpose(1, 2).contiguous().view(n, groups)
         self.scales, self.mins = rows(self.scales), rows(self.mins)
@@ -120,19 +122,20 @@ class QuantizedLinear(nn.Module):
         """(qweight, scales, mins) in the row-major storage of the module docstring, whatever the layout."""
         if not self.rows8:
             return self.qweight, self.scales, self.mins
-        n, groups = self.out_features, self.scales.shape[1]
-        qweight = self.qweight.view(n // 8, self.in_features // BLOCK, 4, 8, 4).transpose(2, 3) \
-            .transpose(1, 2).contiguous().view(n, -1)
-        rows = lambda t: None if t is None else t.view(n // 8, groups, 8).transpose(1, 2).contiguous().view(n, groups)
-        return qweight, rows(self.scales), rows(self.mins)
+        return rows8_to_row_major(self.qweight, self.scales, self.mins, self.in_features, self._chunks)
+
+    @property
+    def _chunks(self) -> int:
+        """4-byte chunks of a row's block of 32 columns: 8 (int8) or 4 (int4: two values a byte)."""
+        return 8 if self.method == "int8" else 4
 
     # -- reference ------------------------------------------------------------------------------------
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [N, K] in ``dtype``, by the storage rule of the module docstring."""
-        if self.cpu_dequantize and self.qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            return kernels.dequantize(self, dtype)
-        return dequantize_reference(self).to(dtype)
+        kernel = self.cpu_dequantize and self.qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        return kernels.dequantize_layer(self.qweight, self.scales, self.mins, self.group_size, self.method == "int4",
+                                        self.rows8, str(dtype).removeprefix("torch."), kernel)
 
     @property
     def weight_bytes(self) -> int:
@@ -158,12 +161,27 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype), bias)
 
 
+def rows8_to_row_major(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, in_features: int,
+                       chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Undo ``interleave_rows``: (qweight, scales, mins) row-major. ``chunks``: 4-byte chunks a block."""
+    n, groups = qweight.shape[0], scales.shape[1]
+    qweight = qweight.view(n // 8, in_features // BLOCK, chunks, 8, 4).transpose(2, 3) \
+        .transpose(1, 2).contiguous().view(n, -1)
+    rows = lambda t: None if t is None else t.view(n // 8, groups, 8).transpose(1, 2).contiguous().view(n, groups)
+    return qweight, rows(scales), rows(mins)
+
+
 def dequantize_reference(layer: QuantizedLinear) -> torch.Tensor:
     """fp32 weight, in plain torch (any device)."""
-    group = layer.group_size
     qweight, scales, mins = layer.row_major()
+    return dequantize_storage(qweight, scales, mins, layer.group_size, layer.method == "int4")
+
+
+def dequantize_storage(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group: int,
+                       int4: bool) -> torch.Tensor:
+    """fp32 weight of row-major storage, in plain torch (any device)."""
     scales = scales.float().repeat_interleave(group, dim=1)
-    if layer.method == "int8":
+    if not int4:
         return qweight.float() * scales
     values = unpack_int4(qweight).float()
     if mins is None:

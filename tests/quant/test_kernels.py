@@ -165,22 +165,33 @@ def test_a_layer_asks_for_its_own_methods_row_limit(ops, monkeypatch):
     assert calls == ["int4"]  # 32 rows: int4's kernel, int8's dequantize + GEMM
 
 
-INT4_SHAPES = [shape for shape in SHAPES if shape[0] == "int4"]
+# int8 per row (nemolite's own) and per 32 columns with fp16 scales (GGUF Q8_0's layout)
+ROWS8_SHAPES = SHAPES + [("int8-q8_0", 32, True, columns) for columns in (256, 224)]
 
 
-@pytest.mark.parametrize("method, group, symmetric, columns", INT4_SHAPES)
+def int8_in_groups(weight: torch.Tensor, group: int) -> QuantizedLinear:
+    """int8 values with one fp16 scale per ``group`` columns, as GGUF's Q8_0 stores them."""
+    blocks = weight.reshape(weight.shape[0], -1, group)
+    scales = (blocks.abs().amax(dim=2) / 127).half()
+    values = (blocks / scales.float()[:, :, None]).round().clamp(-127, 127).to(torch.int8)
+    return QuantizedLinear.from_int8(values.reshape(weight.shape), scales)
+
+
+@pytest.mark.parametrize("method, group, symmetric, columns", ROWS8_SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 11])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_interleaved_by_eight_give_the_row_major_kernels_results(ops, method, group, symmetric, columns, rows,
                                                                        dtype):
-    """The interleaved int4 kernel (tiles of 4 activation rows: 1, 3, 4, 5 and 11 rows take every tile size)
-    against the python model of the arithmetic; its layout undoes exactly."""
-    if not cpu_kernels.has("linear_int4_rows8"):
-        pytest.skip("the interleaved kernel needs AVX2")
+    """The interleaved kernels (tiles of 4 activation rows: 1, 3, 4, 5 and 11 rows take every tile size)
+    against the python model of the arithmetic; the layout undoes exactly."""
+    if not cpu_kernels.has("linear_int4_rows8" if method == "int4" else "linear_int8_rows8"):
+        pytest.skip("the interleaved kernels need AVX2 (int4) or VNNI (int8)")
     from nemolite.quant import kernels
 
-    generator = torch.Generator().manual_seed(rows * 11 + group + columns)
-    layer = quantize_weight(torch.randn(72, columns, generator=generator) * 0.05, method, group, symmetric)
+    generator = torch.Generator().manual_seed(rows * 11 + (group or 0) + columns)
+    weight = torch.randn(72, columns, generator=generator) * 0.05
+    layer = int8_in_groups(weight, group) if method == "int8-q8_0" else quantize_weight(weight, method, group,
+                                                                                        symmetric)
     x = (torch.randn(rows, columns, generator=generator) * 3).to(dtype)
     expected, stored = python_reference(layer, x.float()), layer.row_major()
     reference = dequantize_reference(layer)
@@ -194,12 +205,14 @@ def test_rows_interleaved_by_eight_give_the_row_major_kernels_results(ops, metho
     assert (got.float() - expected).abs().max() <= 1e-5 * scale + (0.01 * scale if dtype == torch.bfloat16 else 0)
 
 
-def test_only_int4_layers_of_whole_eights_of_rows_are_interleaved(ops):
+def test_only_layers_of_whole_eights_of_rows_and_blocks_are_interleaved(ops):
     if not cpu_kernels.has("linear_int4_rows8"):
         pytest.skip("the interleaved kernel needs AVX2")
     weight = torch.randn(44, 64)
     odd, int8 = quantize_weight(weight, "int4", 32), quantize_weight(weight[:40], "int8")
     assert not odd.interleave_rows() and not odd.rows8
-    assert not int8.interleave_rows()
+    assert int8.interleave_rows() == cpu_kernels.has("linear_int8_rows8")  # int8 needs vpdpbusd (VNNI)
+    groups_of_16 = QuantizedLinear.from_int8(int8.row_major()[0], torch.ones(40, 4, dtype=torch.float16))
+    assert not groups_of_16.interleave_rows()  # GGUF Q6_K's groups of 16 stay row-major
     with pytest.raises(RuntimeError, match="multiple of 8 rows"):
         ops.linear_int4_rows8(torch.randn(1, 64), odd.qweight, odd.scales, None, 32)

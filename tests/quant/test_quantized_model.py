@@ -86,3 +86,23 @@ def test_spellings_round_trip():
     for text in ("int8", "int4", "int4-g128", "int4-asym", "int4-g64-asym-head", "int8-head", "int4-g128-head8"):
         assert str(parse_quantization(text)) == text
     assert parse_quantization("none") is None and parse_quantization(None) is None
+
+
+def test_compiled_dense_path_reads_the_quantized_weight_every_step():
+    """A batch bucket above the kernel's row limit (pinned at 8 in the tests) dequantizes in the graph. With
+    frozen weights inductor folded that into a float copy kept beside the quantized weight (the int8 bench
+    model's RSS 0.94 -> 1.50 GB); the op must run each step instead, so changing the stored scales changes
+    what the compiled step computes."""
+    llm = LLM(quantization="int8", dtype="bfloat16", kv_cache_gb=0.05, compile=True)
+    decoder, cache = llm.engine.runner.decoder, llm.engine.cache
+    ids, positions = torch.arange(5, 21), torch.zeros(16, dtype=torch.long)
+    no_context = torch.zeros(16, 0, dtype=torch.long), torch.zeros(16, 0, dtype=torch.bool)
+
+    def step() -> torch.Tensor:
+        return decoder(ids, positions, *no_context, cache.keys, cache.values)[0].clone()
+
+    before = step()
+    assert torch.equal(step(), before)  # the step is deterministic (and now called without Dynamo)
+    layer = next(m for m in llm.model.modules() if isinstance(m, QuantizedLinear))
+    layer.scales.mul_(0.5)  # in place: the graph's constant is this very tensor
+    assert not torch.equal(step(), before)
