@@ -94,24 +94,50 @@ def prompts(workload: Workload, vocab_size: int) -> list[list[int]]:
 
 # --- backends (each runs in a subprocess: python -m nemolite.bench BACKEND WORKLOAD CHECKPOINT ARGS_JSON) ---
 
+def bench_adapters(llm, count: int, rank: int = 16) -> list:
+    """``count`` random rank-``rank`` PEFT adapters of every adaptable layer of ``llm``'s model, in a
+    temporary directory: LoRARequests for them."""
+    import tempfile
+
+    from nemolite import LoRARequest
+    from nemolite.lora.peft import write_peft_adapter
+
+    root = Path(tempfile.mkdtemp(prefix="nemolite-bench-lora-"))
+    shapes = llm.engine.lora.shapes
+    generator = torch.Generator().manual_seed(7)
+    requests = []
+    for index in range(count):
+        weights = {name: (torch.randn(rank, k, generator=generator) * 0.01,
+                          torch.randn(n, rank, generator=generator) * 0.01) for name, (n, k) in shapes.items()}
+        requests.append(LoRARequest(f"bench-{index}", index + 1,
+                                    str(write_peft_adapter(root / f"bench-{index}", weights, rank, 2 * rank))))
+    return requests
+
+
 def run_nemolite(workload: Workload, path: Path, options: dict) -> dict:
     from nemolite import LLM, SamplingParams
 
     started = time.perf_counter()
+    adapters = int(options.get("lora") or 0)
+    engine_args = {**options.get("engine", {}),
+                   **({"enable_lora": True, "max_loras": adapters, "max_lora_rank": 16} if adapters else {})}
     llm = LLM(path, dtype=options["dtype"], device=options.get("device"), quantization=options.get("quantization"),
-              **options.get("engine", {}))
+              **engine_args)
     load_s = time.perf_counter() - started
     params = SamplingParams(temperature=0, max_tokens=workload.new_tokens, ignore_eos=True)
     batch = prompts(workload, llm.config.vocab_size)
+    loras = bench_adapters(llm, adapters) if adapters else [None]
+    lora_of = [loras[index % len(loras)] for index in range(len(batch))]  # spread over the batch
     warmup_started = time.perf_counter()
     # The whole workload once on other prompts: every batch size and context length the timed run
     # meets (requests join over several prefill chunks) is compiled before the clock starts.
-    llm.generate(prompt_token_ids=[[t + 1 for t in p] for p in batch], sampling_params=params, use_tqdm=False)
+    llm.generate(prompt_token_ids=[[t + 1 for t in p] for p in batch], sampling_params=params, use_tqdm=False,
+                 lora_request=lora_of)
     warmup_s = time.perf_counter() - warmup_started
     engine = llm.engine
     first_token, token_times = {}, {}
     started = time.perf_counter()
-    ids = [engine.add_request(None, None, p, params) for p in batch]
+    ids = [engine.add_request(None, None, p, params, lora) for p, lora in zip(batch, lora_of)]
     done = 0
     while done < len(ids):
         outputs = engine.step()
@@ -289,7 +315,9 @@ def _variants(backends: list[str], options: dict, workload: Workload) -> list[tu
         if backend == "nemolite":
             for quantization in quantizations:
                 label = "nemolite" + (f" {quantization}" if quantization else "")
-                runs.append((label, backend, {**options, "quantization": quantization}))
+                runs.append((label, backend, {**options, "quantization": quantization, "lora": 0}))
+                if options.get("lora"):  # the same engine with adapters spread over the batch, beside it
+                    runs.append((f"{label} lora x{options['lora']}", backend, {**options, "quantization": quantization}))
         elif backend == "llama.cpp":
             if workload.batch_size == 1:
                 runs.extend((f"llama.cpp {gguf_label(g)}", backend, {**options, "gguf": g}) for g in ggufs)
@@ -342,6 +370,12 @@ def bench(workload_names: list[str], path: Path | None, backends: list[str], opt
                   f"{gbps:6.1f} GB/s of weights  TTFT {result['ttft_s'] * 1e3:7.1f} ms  ITL {itl}  "
                   f"peak RSS {result['peak_rss_gb']:.2f} GB{compiled}")
             rows.append({"workload": name, "backend": label, "gb_per_s": gbps, "runs": len(results[label]), **result})
+        for label in medians:
+            base = label.rsplit(" lora x", 1)[0]
+            if label != base and base in medians:
+                print(f"{'':>18}  {label} / {base}: {medians[label]['tokens_per_s'] / medians[base]['tokens_per_s']:.2f} x "
+                      f"end to end, {medians[label]['decode_tokens_per_s'] / medians[base]['decode_tokens_per_s']:.2f} "
+                      "x decode")
         for ours, other in _peers(list(medians)):
             mine, theirs = medians[ours], medians[other]
             line = f"{'':>18}  {ours} / {other}: {mine['tokens_per_s'] / theirs['tokens_per_s']:.2f} x end to end"

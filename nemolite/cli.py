@@ -70,6 +70,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--threads", type=int, default=None,
                         help="CPU threads of the engine (default: OMP_NUM_THREADS, else all cores; serve and sdg "
                              "leave one core to the HTTP side)")
+    engine.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters beside the base model")
+    engine.add_argument("--max-loras", type=int, default=4, help="distinct adapters one step may mix (default 4)")
+    engine.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank (default 16)")
+    engine.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="adapters kept read in host memory (default: --max-loras)")
     parallel = parser.add_argument_group("parallelism (launch one process per rank with torchrun or srun)")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                           help="split every layer over this many ranks (Megatron style)")
@@ -84,7 +89,8 @@ def engine_options(args) -> dict:
             "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": not args.no_prefix_caching,
             "compile": args.compile, "tensor_parallel_size": args.tensor_parallel_size,
             "pipeline_parallel_size": args.pipeline_parallel_size, "cpu_threads": args.threads,
-            "quantization": args.quantization}
+            "quantization": args.quantization, "enable_lora": args.enable_lora, "max_loras": args.max_loras,
+            "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras}
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int, temperature: float) -> None:
@@ -156,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a reward model's attribute weights for its scalar score: one number per attribute, or "
                             "name=weight pairs (default: HelpSteer2's 0,0,0,0,0.3,0.74,0.46,0.47,-0.33)")
     _add_model_options(serve)
+    lora = serve.add_argument_group("LoRA adapters (the request's model name, or NeMo's and Triton's adapter_id, "
+                                    "picks one)")
+    lora.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                      help='adapters to serve: NAME=PATH or {"name": ..., "path": ..., "base_model_name": ...} '
+                           "(PATH: a PEFT directory)")
+    lora.add_argument("--lora-dir", default=None, help="serve every adapter directory in DIR, named after itself")
+    lora.add_argument("--allow-runtime-lora", action="store_true",
+                      help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (clients then choose paths "
+                           "this server reads)")
 
     convert = commands.add_parser("convert", help="write a NeMo (or HF) checkpoint as a Hugging Face directory",
                                   description="Convert SRC (a .nemo file, a NeMo checkpoint directory with "
@@ -208,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "run under $NEMOLITE_LLAMA_CPP_PYTHON when set)")
     bench.add_argument("--quantizations", type=quantization_list, default=None, metavar="LIST",
                        help="comma-separated, one nemolite run each, e.g. none,int8,int4-head (instead of --quantization)")
+    bench.add_argument("--lora", type=int, default=0, metavar="N",
+                       help="also run each nemolite row with N random rank-16 adapters spread over the batch")
     bench.add_argument("--repeat", type=int, default=1,
                        help="run every backend this many times, interleaved, and report the median (default 1)")
     bench.add_argument("--json", default=None, help="also write the results to this file")
@@ -316,7 +333,8 @@ def run_bench(args) -> int:
 
     engine = engine_options(args)
     options = {"dtype": args.dtype, "device": args.device, "engine": engine, "gguf": args.gguf or [],
-               "quantization": engine.pop("quantization"), "quantizations": args.quantizations, "repeat": args.repeat}
+               "quantization": engine.pop("quantization"), "quantizations": args.quantizations, "repeat": args.repeat,
+               "lora": args.lora}
     rows = bench(args.workload or list(WORKLOADS), Path(args.model) if args.model else None,
                  [b.strip() for b in args.backends.split(",") if b.strip()], options)
     if args.json:
@@ -353,8 +371,43 @@ def run_serve(args) -> int:
              if engine.config.is_reward_model else "NeMo PUT /generate, OpenAI /v1, Triton /v2")
     log.info("serving %r on http://%s:%d (%s)", name, args.host, args.port, doors)
     serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue, reward_weights=weights,
-          max_request_bytes=max_request_bytes)
+          max_request_bytes=max_request_bytes, lora_modules=lora_modules(args.lora_modules, args.lora_dir),
+          allow_runtime_lora=args.allow_runtime_lora)
     return 0
+
+
+def lora_modules(specs: list[str], directory: str | None) -> dict[str, str]:
+    """``--lora-modules`` (NAME=PATH or vLLM's JSON form) and ``--lora-dir`` (NIM's: one adapter per
+    sub-directory, named after it) as {name: path}."""
+    import json
+    from pathlib import Path
+
+    modules: dict[str, str] = {}
+    for spec in specs:
+        if spec.lstrip().startswith("{"):
+            try:
+                entry = json.loads(spec)
+            except ValueError as error:
+                raise NemoliteError(f"--lora-modules {spec!r} is not valid JSON ({error})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                    or not isinstance(entry.get("path"), str):
+                raise NemoliteError(f'--lora-modules {spec!r}: give {{"name": ..., "path": ...}}')
+            name, path = entry["name"], entry["path"]
+        else:
+            name, _, path = spec.partition("=")
+            if not name or not path:
+                raise NemoliteError(f"--lora-modules {spec!r}: give NAME=PATH")
+        if name in modules:
+            raise NemoliteError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    if directory is not None:
+        root = Path(directory)
+        if not root.is_dir():
+            raise NemoliteError(f"--lora-dir {directory} is not a directory")
+        for child in sorted(root.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and child.name not in modules:
+                modules[child.name] = str(child)
+    return modules
 
 
 def _reward_weights(text: str | None, names: tuple[str, ...]) -> list[float] | None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import gc
 import itertools
 import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
@@ -82,11 +83,13 @@ class AsyncLLM:
         self._thread.start()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    request_id: str | None = None, stream: bool = True, validated: bool = False) -> "RequestStream":
+                    request_id: str | None = None, stream: bool = True, validated: bool = False,
+                    lora_request=None) -> "RequestStream":
         """Hand one request to the engine now (validated here, in the caller: bad input raises
         NemoliteError; ``validated`` when the caller has just run ``engine.validate_request`` itself) and
         return its stream of outputs. Call from a running event loop; a stream that is dropped
-        unfinished aborts its request."""
+        unfinished aborts its request. ``lora_request``: a LoRARequest the engine has registered
+        (``add_lora``), or None for the base model."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead}")
         if not validated:
@@ -98,21 +101,41 @@ class AsyncLLM:
                 raise NemoliteError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream_
             self._num_sequences += params.n
-        self._commands.append((request_id, prompt, list(prompt_token_ids), params))
+        self._commands.append((request_id, prompt, list(prompt_token_ids), params, lora_request))
         self._wake.set()
         return RequestStream(self, request_id, stream_)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                       request_id: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, stream: bool = True,
+                       lora_request=None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request as it progresses; leaving early aborts the request.
         With ``stream=False`` only the first output with a token and the final one come (no wake-up
         per step for a caller that wants the end result)."""
-        request = self.add_request(prompt_token_ids, params, prompt, request_id, stream)
+        request = self.add_request(prompt_token_ids, params, prompt, request_id, stream, lora_request=lora_request)
         try:
             async for output in request:
                 yield output
         finally:
             request.abort()
+
+    def call_blocking(self, function: Callable, *args):
+        """``function(engine, *args)`` on the engine thread, between steps (the engine is not thread-safe:
+        adding or removing a LoRA adapter goes this way); its result, or its exception raised here."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.append((function, args, future))
+        self._wake.set()
+        return future.result()
+
+    async def call(self, function: Callable, *args):
+        """``call_blocking`` from an event loop, without blocking it."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.append((function, args, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; the engine frees its KV blocks before its next step."""
@@ -158,6 +181,13 @@ class AsyncLLM:
                     self._forget(command)
                 self.engine.abort_request(command)
                 continue
+            if callable(command[0]):
+                function, args, future = command
+                try:
+                    future.set_result(function(self.engine, *args))
+                except Exception as error:  # noqa: BLE001 - the caller's to handle
+                    future.set_exception(error)
+                continue
             request_id = command[0]
             try:
                 self.engine.add_request(*command)
@@ -194,6 +224,10 @@ class AsyncLLM:
                 with self._lock:
                     streams, self._streams, self._num_sequences = list(self._streams.values()), {}, 0
                 _deliver([(stream, error) for stream in streams])
+                while self._commands:  # calls waiting for the engine thread hear of it too
+                    command = self._commands.popleft()
+                    if not isinstance(command, str) and callable(command[0]):
+                        command[2].set_exception(EngineDeadError(f"the engine stopped: {error}"))
                 return
             targets = []
             with self._lock:

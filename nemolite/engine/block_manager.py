@@ -72,7 +72,7 @@ class BlockManager:
         use_cache = self.enable_prefix_caching and seq.params.prompt_logprobs is None
         for start in range(0, (len(tokens) - 1) // size * size, size) if use_cache else ():
             chunk = tuple(tokens[start:start + size])
-            parent = block_hash(parent, chunk)
+            parent = block_hash(parent, chunk, seq.cache_salt)
             block_id = self.hash_to_block.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
@@ -111,7 +111,7 @@ class BlockManager:
             index = len(seq.block_hashes)
             chunk = tuple(seq.token_ids[index * size:(index + 1) * size])
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            digest = block_hash(parent, chunk)
+            digest = block_hash(parent, chunk, seq.cache_salt)
             seq.block_hashes.append(digest)
             block = self.blocks[seq.block_table[index]]
             if block.hash is None and self.enable_prefix_caching:

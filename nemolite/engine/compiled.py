@@ -72,7 +72,8 @@ class _DirectStep:
     micro-benchmark: streaming the weights evicts the interpreter's data every step. Inductor's
     compiled callable takes the graph's inputs as a flat list, so each kind of step (batch bucket, with or
     without context) keeps it with where each input comes from: a position in the step's flat inputs
-    (``[input_ids, positions, context_slots, context_mask, *key_caches, *value_caches]``), or for the
+    (``[input_ids, positions, context_slots, context_mask, *key_caches, *value_caches]``, then with LoRA
+    ``lora_slots, *lora_weights``), or for the
     dynamic context length, a size of one of them. The guards Dynamo would check hold by construction:
     a kind fixes the batch bucket, the caches and the dtypes; the context length is dynamic.
     """
@@ -81,12 +82,11 @@ class _DirectStep:
         self.sources, self.compiled, self.num_layers = sources, compiled, num_layers
 
     @classmethod
-    def plan(cls, graph: torch.fx.GraphModule, example_inputs: list, compiled, inputs: list | None):
+    def plan(cls, graph: torch.fx.GraphModule, example_inputs: list, compiled, inputs: list | None, num_layers: int):
         if inputs is None:
             return None
         placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
         outputs = next(node for node in graph.graph.nodes if node.op == "output").args[0]
-        num_layers = sum(cache is not None for cache in inputs[4:]) // 2
         if len(placeholders) != len(example_inputs) or len(outputs) != 1 + 2 * num_layers:
             return None
         positions = {id(tensor): i for i, tensor in enumerate(inputs) if isinstance(tensor, torch.Tensor)}
@@ -114,13 +114,14 @@ class _DirectStep:
 
 
 class CompiledDecoder:
-    def __init__(self, model: CausalLM):
+    def __init__(self, model: CausalLM, lora_mapping=None):
         import torch._inductor.config as inductor_config
 
         first = next(model.parameters())  # the embedding or a norm: the model's device and dtype
         inductor_config.freezing = True  # parameters become constants: weights prepacked once
         inductor_config.cpp_wrapper = first.device.type == "cpu"
         self.model = model
+        self.lora_mapping = lora_mapping  # the model's LoRAMapping (nemolite.lora.layers) when it has adapters
         if first.device.type == "cpu" and first.dtype == torch.bfloat16:
             cpu_kernels.enable()  # bf16 GEMV for batch-1 linears, attention straight from the paged cache
         # On CUDA the step is replayed as a CUDA graph (cudagraph trees): one launch instead of hundreds.
@@ -142,12 +143,13 @@ class CompiledDecoder:
         else:
             self.graph = torch.compile(self._decode, dynamic=False, fullgraph=True, backend=self._inductor)
         self.static_caches: set[int] = set()
-        self.compiled_kinds: set[tuple[int, bool]] = set()  # (batch bucket, has context) with a graph
+        self.compiled_kinds: set[tuple[int, bool, bool]] = set()  # (batch bucket, has context, has LoRA) compiled
         self.compile_seconds = 0.0
         self._tracing_inputs: list | None = None  # the inputs of the Dynamo call under way
+        self._tracing_layers = 0  # how many layers with a cache it has
         self._traced: _DirectStep | None = None  # what that call compiled
-        self._unchecked: dict[tuple[int, bool], _DirectStep] = {}  # checked against Dynamo on their next call
-        self._direct: dict[tuple[int, bool], _DirectStep] = {}
+        self._unchecked: dict[tuple[int, bool, bool], _DirectStep] = {}  # checked against Dynamo on their next call
+        self._direct: dict[tuple[int, bool, bool], _DirectStep] = {}
 
     def _inductor(self, graph: torch.fx.GraphModule, example_inputs: list):
         """Dynamo's backend: inductor, keeping what it compiled so later steps can call it directly."""
@@ -157,7 +159,7 @@ class CompiledDecoder:
         # elements: at batch 1 that is ~5 OpenMP fork/joins a layer at a few us each (0.6 ms of a 6 ms
         # int4 step on 2 cores); below SERIAL_ELEMENTS a thread the kernel runs on one.
         compiled = compile_fx(graph, example_inputs, config_patches={"cpp.min_chunk_size": SERIAL_ELEMENTS})
-        self._traced = _DirectStep.plan(graph, example_inputs, compiled, self._tracing_inputs)
+        self._traced = _DirectStep.plan(graph, example_inputs, compiled, self._tracing_inputs, self._tracing_layers)
         return compiled
 
     def _check_direct(self, kind, inputs, logits, new_keys, new_values) -> None:
@@ -183,19 +185,27 @@ class CompiledDecoder:
 
     @property
     def compiled_buckets(self) -> set[int]:
-        return {bucket for bucket, _ in self.compiled_kinds}
+        return {kind[0] for kind in self.compiled_kinds}
 
-    def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches):
+    def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches,
+                lora_slots=None, lora_weights=None):
         paged_kernel = input_ids.device.type == "cpu" and self.paged_kernel
         attention = _GraphAttention(key_caches, value_caches, context_slots, context_mask, positions, paged_kernel)
+        if self.lora_mapping is not None:  # the adapters' slots and weights are inputs, never constants
+            self.lora_mapping.set_static(lora_slots, lora_weights or [])
         logits = self.model(input_ids[:, None], positions[:, None], cache=attention)[:, 0]
+        if self.lora_mapping is not None:
+            self.lora_mapping.clear()
         return logits.float(), attention.new_keys, attention.new_values
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, context_slots: torch.Tensor,
-                 context_mask: torch.Tensor, key_caches: list, value_caches: list):
+                 context_mask: torch.Tensor, key_caches: list, value_caches: list,
+                 lora_slots: torch.Tensor | None = None, lora_weights: list | None = None):
         """input_ids, positions [B]; context_slots, context_mask [B, S] -> logits [B, V], the indices of the
-        layers with a cache, and their new keys and values [B, G, hd] in that order.
+        layers with a cache, and their new keys and values [B, G, hd] in that order. ``lora_slots`` [bucket]
+        (already padded) and ``lora_weights``: the LoRA slot of each row and every slot tensor, when a row
+        of the step has an adapter.
 
         S is a multiple of CONTEXT_BUCKET (ModelRunner.context_slots pads it): where a backend specialises
         the length (CUDA does), graphs are still reused for 64 positions at a time."""
@@ -222,19 +232,21 @@ class CompiledDecoder:
         # batch-1 int4 step on a 2-core CPU. Once a graph exists for this batch bucket and kind of context
         # (none, or the dynamic length), nothing the guards watch changes between steps, so only the guards
         # that tell the compiled graphs apart are run; a new kind is called with every guard, and compiles.
-        kind = (bucket, context_slots.shape[1] > 0)
+        kind = (bucket, context_slots.shape[1] > 0, lora_slots is not None)
         new_bucket = bucket not in self.compiled_buckets
         inputs = [input_ids, positions, context_slots, context_mask, *key_caches, *value_caches]
+        if lora_slots is not None:
+            inputs += [lora_slots, *lora_weights]
         direct = self._direct.get(kind)
         if direct is not None:
             logits, new_keys, new_values = direct(inputs)
         else:
             torch._dynamo.maybe_mark_dynamic(context_slots, 1)
             torch._dynamo.maybe_mark_dynamic(context_mask, 1)
-            self._tracing_inputs, self._traced = inputs, None
+            self._tracing_inputs, self._traced, self._tracing_layers = inputs, None, len(layers)
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=kind in self.compiled_kinds):
                 logits, new_keys, new_values = self.graph(input_ids, positions, context_slots, context_mask,
-                                                          key_caches, value_caches)
+                                                          key_caches, value_caches, lora_slots, lora_weights)
             self._tracing_inputs = None
             self._check_direct(kind, inputs, logits, new_keys, new_values)
         self.compiled_kinds.add(kind)

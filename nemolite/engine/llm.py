@@ -27,18 +27,23 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 prompt_token_ids: Sequence[Sequence[int]] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None, use_tqdm: bool = True,
+                 lora_request=None) -> list[RequestOutput]:
+        """``lora_request``: a LoRARequest for every prompt, or a list with one (or None) per prompt."""
         texts, token_ids = self._prompts(prompts, prompt_token_ids)
         params = self._params_per_prompt(sampling_params, len(token_ids))
-        return self._run(list(zip(texts, token_ids, params)), use_tqdm)
+        loras = self._loras_per_prompt(lora_request, len(token_ids))
+        return self._run(list(zip(texts, token_ids, params, loras)), use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """One conversation (a list of messages) or several, through the checkpoint's chat template."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self.chat_params(sampling_params)
         prompts = [self.tokenizer.apply_chat_template(conversation) for conversation in conversations]
-        return self._run([(p, self.tokenizer.encode(p, add_bos=False), params) for p in prompts], use_tqdm)
+        loras = self._loras_per_prompt(lora_request, len(prompts))
+        return self._run([(p, self.tokenizer.encode(p, add_bos=False), params, lora)
+                          for p, lora in zip(prompts, loras)], use_tqdm)
 
     def reward(self, conversations: list[dict] | list[list[dict]], weights=None,
                use_tqdm: bool = True) -> list[dict]:
@@ -51,7 +56,7 @@ class LLM:
         names = self.config.reward_attributes
         weights = resolve_weights(weights, names)
         params = SamplingParams(reward=True)
-        outputs = self._run([(None, reward_token_ids(self.tokenizer, conversation), params)
+        outputs = self._run([(None, reward_token_ids(self.tokenizer, conversation), params, None)
                              for conversation in conversations], use_tqdm)
         return [reward_result(output.reward, names, weights) for output in outputs]
 
@@ -76,13 +81,14 @@ class LLM:
                     streamed = len(text)
         return output.outputs[0]
 
-    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams, object]],
+             use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm
 
         ids: list[str] = []
         try:
-            for prompt, token_ids, params in requests:
-                ids.append(self.engine.add_request(None, prompt, token_ids, params))
+            for prompt, token_ids, params, lora_request in requests:
+                ids.append(self.engine.add_request(None, prompt, token_ids, params, lora_request))
         except NemoliteError:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -122,6 +128,14 @@ class LLM:
             if not ids:
                 raise NemoliteError(f"prompt {index} is empty and this tokenizer adds no BOS token; give some text")
         return list(prompts), token_ids
+
+    @staticmethod
+    def _loras_per_prompt(lora_request, count: int) -> list:
+        if lora_request is None or not isinstance(lora_request, (list, tuple)):
+            return [lora_request] * count
+        if len(lora_request) != count:
+            raise NemoliteError(f"got {len(lora_request)} LoRA requests for {count} prompts; give one or one each")
+        return list(lora_request)
 
     @staticmethod
     def _params_per_prompt(sampling_params, count: int) -> list[SamplingParams]:

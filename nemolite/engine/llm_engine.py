@@ -62,6 +62,10 @@ class EngineArgs:
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     quantization: str | None = None  # weight-only at load: "int8", "int4", "int4-g128-asym"... (nemolite.quant.spec)
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 K/V with the checkpoint's k/v scales (1.0 when absent), 2x the blocks
+    enable_lora: bool = False  # serve LoRA adapters (nemolite.lora): requests name theirs with a LoRARequest
+    max_loras: int = 4  # adapters one step may mix (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # adapters kept read in host memory (None: max_loras)
 
 
 class LLMEngine:
@@ -82,6 +86,11 @@ class LLMEngine:
         model.fuse_projections()  # q/k/v and gate/up each one layer: fewer, larger GEMMs and kernel calls
         if self.device.type == "cpu":
             interleave_rows(model)  # int4 weights in the CPU kernel's layout
+        self.lora = None
+        if args.enable_lora:  # wraps the (fused) linear layers, so after fusing and before any compiling
+            from nemolite.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(model, args.max_loras, args.max_lora_rank, args.max_cpu_loras)
         if self.device.type == "cpu" and not args.compile:  # compiling prepacks weights its own way (freezing)
             model.prepack_linears()
         parallel = model.parallel
@@ -98,13 +107,14 @@ class LLMEngine:
         self.cache = PagedKVCache(model.local_config, num_blocks, args.block_size, self.dtype, self.device,
                                   kv_dtype, getattr(model, "kv_cache_scales", None))
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
+                                   args.max_loras if args.enable_lora else None)
         if parallel.distributed:
             from nemolite.parallel.runner import ParallelRunner
 
             self.runner = ParallelRunner(model, self.cache, self.device, parallel)
         else:
-            self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile)
+            self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile, lora=self.lora)
         self.output_processor = OutputProcessor(tokenizer, self.config)
         self._own_stops = frozenset(tokenizer.chat_stop()[0])  # with_chat_stops adds them, not the client
         self.requests: dict[str, Request] = {}
@@ -143,15 +153,18 @@ class LLMEngine:
         self.runner.close()
 
     def add_request(self, request_id: str | None, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> str:
+                    params: SamplingParams, lora_request=None) -> str:
+        """Queue a request; ``lora_request`` (a nemolite.LoRARequest) runs it with that adapter, read now
+        if this engine has not read it yet."""
         request_id = str(next(self._request_counter)) if request_id is None else request_id
         if request_id in self.requests:
             raise NemoliteError(f"request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, params)
+        lora_id, salt = self.add_lora(lora_request) if lora_request is not None else (0, b"")
         seqs = []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), params,
-                           make_generator(self._seed(params, index), self.device))
+                           make_generator(self._seed(params, index), self.device), lora_id, salt)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             seq.waits_for = seqs[0] if seqs else None
             seqs.append(seq)
@@ -165,6 +178,27 @@ class LLMEngine:
             else:
                 self.scheduler.add(seq)
         return request_id
+
+    def add_lora(self, lora_request) -> tuple[int, bytes]:
+        """Register (and read) an adapter: its id and the prefix-cache salt of its sequences."""
+        from nemolite.lora import LoRARequest
+
+        if not isinstance(lora_request, LoRARequest):
+            raise NemoliteError(f"lora_request must be a nemolite.LoRARequest, not {type(lora_request).__name__}")
+        if self.lora is None:
+            raise NemoliteError(f"LoRA adapter {lora_request.lora_name!r} asked for, but this engine was started "
+                                "without LoRA: pass enable_lora=True (nemolite serve --enable-lora)")
+        self.lora.add(lora_request)
+        salt = f"lora:{lora_request.lora_int_id}:{lora_request.lora_path}".encode()
+        return lora_request.lora_int_id, salt
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter no running request uses; False if it is unknown."""
+        if self.lora is None:
+            return False
+        if any(seq.lora_id == lora_id for seq in (*self.scheduler.running, *self.scheduler.waiting)):
+            raise NemoliteError(f"LoRA adapter {lora_id} is in use by running requests; unload it when they end")
+        return self.lora.remove(lora_id)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise NemoliteError for a request this engine must not run (see nemolite.engine.validation)."""
@@ -343,7 +377,8 @@ class LLMEngine:
                 "kv_blocks_total": manager.num_blocks, "kv_blocks_free": manager.num_free_blocks,
                 "prefix_cache_hit_rate": manager.prefix_hit_rate, "num_preemptions": self.scheduler.num_preemptions,
                 "prompt_tokens": self.num_prompt_tokens,
-                "generation_tokens": self.output_processor.num_generated_tokens}
+                "generation_tokens": self.output_processor.num_generated_tokens,
+                **(self.lora.stats() if self.lora is not None else {})}
 
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from nemolite.engine.compiled import CONTEXT_BUCKET, CompiledDecoder
+from nemolite.engine.compiled import CONTEXT_BUCKET, CompiledDecoder, batch_bucket
 from nemolite.engine.kv_cache import AttentionMetadata, PagedKVCache, PrefillSegment
 from nemolite.engine.scheduler import ScheduledBatch
 from nemolite.engine.sequence import Sequence
@@ -21,6 +21,7 @@ class StepInputs:
     positions: torch.Tensor  # [1, N]
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [K] rows of the flattened batch whose logits are kept
+    token_lora_ids: list[int] | None = None  # [N] each token's LoRA adapter (0: none); None: no adapter at all
 
     def to(self, device: torch.device) -> "StepInputs":
         metadata = self.metadata
@@ -31,7 +32,8 @@ class StepInputs:
             decode_lengths=None if metadata.decode_lengths is None else metadata.decode_lengths.to(device),
             prefill_segments=[dataclasses.replace(s, context_slots=s.context_slots.to(device))
                               for s in metadata.prefill_segments])
-        return StepInputs(self.token_ids.to(device), self.positions.to(device), moved, self.logits_indices.to(device))
+        return StepInputs(self.token_ids.to(device), self.positions.to(device), moved, self.logits_indices.to(device),
+                          self.token_lora_ids)
 
 
 @dataclasses.dataclass(slots=True)
@@ -48,14 +50,16 @@ def slot(seq: Sequence, position: int, block_size: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device, compile: bool = False):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device, compile: bool = False,
+                 lora=None):
         self.model = model
         self.cache = cache
         self.device = device
+        self.lora = lora  # the engine's LoRAManager, or None
         self.decoder = None
         self._context_key, self._context_slots, self._context_mask = None, None, None  # see _decode_context
         if compile and model.lm_head is not None:  # a reward model only prefills: nothing to compile
-            self.decoder = CompiledDecoder(model)
+            self.decoder = CompiledDecoder(model, lora.mapping if lora is not None else None)
 
     def context_slots(self, seqs: list[Sequence], lengths: list[int],
                       multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +98,15 @@ class ModelRunner:
         outputs = []
         for inputs in micro_batches:
             self.cache.metadata = inputs.metadata
+            if self.lora is not None and inputs.token_lora_ids is not None:
+                self.lora.set_token_slots(inputs.token_lora_ids)
             try:
                 outputs.append(self.model(inputs.token_ids, inputs.positions, cache=self.cache,
                                           logits_indices=inputs.logits_indices))
             finally:
                 self.cache.metadata = None
+                if self.lora is not None:
+                    self.lora.mapping.clear()
         return outputs
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int, int]]]:
@@ -115,10 +123,12 @@ class ModelRunner:
         decode_seqs: list[Sequence] = []
         prompt_ranges: list[tuple[Sequence, int, int]] = []  # (seq, first position, count)
         prompt_indices: list[int] = []
+        token_lora_ids: list[int] = []
         for seq, num_tokens in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
             offset = len(token_ids)
             token_ids += seq.token_ids[start:end]
+            token_lora_ids += [seq.lora_id] * num_tokens
             positions += range(start, end)
             slot_mapping += [slot(seq, p, size) for p in range(start, end)]
             if num_tokens == 1:
@@ -146,7 +156,8 @@ class ModelRunner:
             prefill_segments=segments, decode_lengths=decode_lengths)
         inputs = StepInputs(torch.tensor([token_ids], device=self.device),
                             torch.tensor([positions], device=self.device), metadata,
-                            torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=self.device))
+                            torch.tensor(logits_indices + prompt_indices, dtype=torch.long, device=self.device),
+                            token_lora_ids if any(token_lora_ids) else None)
         return inputs, samplers, prompt_ranges
 
     def _execute_compiled(self, seqs: list[Sequence]) -> StepLogits:
@@ -155,8 +166,13 @@ class ModelRunner:
         slots, mask = self._decode_context(seqs, lengths)
         new_slots = torch.tensor([slot(seq, n, size) for seq, n in zip(seqs, lengths)], device=device)
         input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=device)
+        lora_slots = lora_weights = None
+        if self.lora is not None and any(seq.lora_id for seq in seqs):
+            lora_slots = self.lora.static_slots([seq.lora_id for seq in seqs], batch_bucket(len(seqs)))
+            lora_weights = self.lora.weights()
         logits, layers, new_keys, new_values = self.decoder(
-            input_ids, torch.tensor(lengths, device=device), slots, mask, self.cache.keys, self.cache.values)
+            input_ids, torch.tensor(lengths, device=device), slots, mask, self.cache.keys, self.cache.values,
+            lora_slots, lora_weights)
         caches = [self.cache.keys[i] for i in layers] + [self.cache.values[i] for i in layers]
         rows = new_keys + new_values
         if device.type == "cpu" and cpu_kernels.has("store_rows") and all(

@@ -18,8 +18,10 @@ ScheduledBatch = list[tuple[Sequence, int]]
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int | None = None):
         self.block_manager = block_manager
+        self.max_loras = max_loras  # distinct LoRA adapters among the running sequences (None: no adapters)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -51,8 +53,13 @@ class Scheduler:
             self.block_manager.append_slots(seq, num_tokens)
             batch.append((seq, num_tokens))
             budget -= num_tokens
+        adapters = {seq.lora_id for seq in self.running} - {0} if self.max_loras else set()
+        skipped: list[Sequence] = []  # waiting for a LoRA slot; they keep their place in the queue
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.max_loras and seq.lora_id and seq.lora_id not in adapters and len(adapters) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             if seq.waits_for is not None and seq.waits_for.num_computed_tokens < seq.num_prompt_tokens - 1 \
                     and not seq.waits_for.finished:
                 break  # let the sibling compute the shared prompt first, then reuse its blocks
@@ -63,9 +70,12 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if seq.lora_id:
+                adapters.add(seq.lora_id)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             batch.append((seq, num_tokens))
             budget -= num_tokens
+        self.waiting.extendleft(reversed(skipped))
         return batch
 
     def preempt(self, seq: Sequence) -> None:

@@ -21,10 +21,11 @@ class Sequence:
 
     __slots__ = ("seq_id", "request_id", "index", "prompt_token_ids", "token_ids", "params", "status",
                  "block_table", "block_hashes", "num_computed_tokens", "num_cached_tokens", "generator",
-                 "output", "detokenizer", "prompt_logprobs", "prompt_full_logprobs", "waits_for", "reward")
+                 "output", "detokenizer", "prompt_logprobs", "prompt_full_logprobs", "waits_for", "reward",
+                 "lora_id", "cache_salt")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, generator: torch.Generator):
+                 params: SamplingParams, generator: torch.Generator, lora_id: int = 0, cache_salt: bytes = b""):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index
@@ -45,6 +46,8 @@ class Sequence:
         self.prompt_full_logprobs: list | None = None
         self.waits_for: "Sequence | None" = None  # a sibling whose prompt blocks this one will reuse
         self.reward: list[float] | None = None  # a reward model's attributes for the prompt (SamplingParams.reward)
+        self.lora_id = lora_id  # the LoRA adapter it runs with (0: the base model)
+        self.cache_salt = cache_salt  # what else than its tokens decides its K/V (the adapter): prefix-cache keys
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -116,15 +116,24 @@ class BodyLimit:
 def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
               max_queue: int = DEFAULT_MAX_QUEUE, shutdown_engine: bool = True,
               reward_weights: list[float] | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, lora_modules: dict[str, str] | None = None,
+              allow_runtime_lora: bool = False) -> FastAPI:
     """The HTTP app over ``engine``; ``shutdown_engine`` stops the engine thread when the app stops.
     Per-request limits (stop strings, logprobs, sequences per request ...) are the engine's
-    ``EngineArgs.limits``; ``max_queue`` counts sequences waiting beyond the running batch."""
+    ``EngineArgs.limits``; ``max_queue`` counts sequences waiting beyond the running batch.
+    ``lora_modules``: adapters served by name (read and checked now; the engine needs enable_lora)."""
     if reward_weights is not None:
         resolve_weights(reward_weights, engine.config.reward_attributes)  # a bad --reward-weights fails at start
     if max_request_bytes < 1:
         raise NemoliteError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
-    state = ServerState(engine, model_name, max_queue, reward_weights, max_request_bytes)
+    state = ServerState(engine, model_name, max_queue, reward_weights, max_request_bytes, allow_runtime_lora)
+    if (lora_modules or allow_runtime_lora) and engine.engine.lora is None:
+        raise NemoliteError("--lora-modules, --lora-dir and --allow-runtime-lora need --enable-lora")
+    for name, path in (lora_modules or {}).items():
+        try:
+            state.add_lora_blocking(name, path)
+        except RequestError as error:
+            raise NemoliteError(f"--lora-modules {name}: {error.message}") from None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -224,13 +233,15 @@ def _finish(request: Request, response: Response, started: float, state: ServerS
 
 def serve(engine: AsyncLLM, model_name: str, host: str, port: int, *, api_key: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, graceful_timeout: float = 30.0,
-          reward_weights: list[float] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+          reward_weights: list[float] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+          lora_modules: dict[str, str] | None = None, allow_runtime_lora: bool = False) -> None:
     """Run the server until SIGINT/SIGTERM: new connections stop, in-flight requests get
     ``graceful_timeout`` seconds to finish and are then aborted, and the engine stops."""
     import uvicorn
 
     app = build_app(engine, model_name, api_key=api_key, max_queue=max_queue, reward_weights=reward_weights,
-                    max_request_bytes=max_request_bytes)
+                    max_request_bytes=max_request_bytes, lora_modules=lora_modules,
+                    allow_runtime_lora=allow_runtime_lora)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=graceful_timeout)
     uvicorn.Server(config).run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -31,6 +31,10 @@ class Metrics:
                                                buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.e2e_latency = Histogram("nemolite_e2e_request_latency_seconds", "Arrival to last token",
                                      buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.lora_requests = Counter("nemolite_lora_requests", "Engine requests run with each LoRA adapter",
+                                     ["adapter"], registry=self.registry)
+        self.lora_generation_tokens = Counter("nemolite_lora_generation_tokens", "Tokens generated with each LoRA "
+                                              "adapter", ["adapter"], registry=self.registry)
         self.registry.register(_EngineCollector(engine_stats, model_name))
 
     def render(self) -> bytes:
@@ -63,3 +67,10 @@ class _EngineCollector:
                                  labels=["model_name"])
         used.add_metric([self.model_name], float(stats["kv_blocks_total"] - stats["kv_blocks_free"]))
         yield used
+        for key, name, documentation in (("lora_loads", "nemolite_lora_loads", "LoRA adapters written into a slot"),
+                                         ("lora_evictions", "nemolite_lora_evictions",
+                                          "LoRA adapters that lost their slot to another")):
+            if key in stats:
+                counter = CounterMetricFamily(name, documentation, labels=["model_name"])
+                counter.add_metric([self.model_name], float(stats[key]))
+                yield counter

@@ -44,6 +44,7 @@ class GenerateRequest:
     min_tokens_to_generate: int = 0
     end_strings: list[str] = dataclasses.field(default_factory=lambda: ["<|endoftext|>"])
     random_seed: int | None = None
+    adapter_id: str | None = None  # a served LoRA adapter's name (TGI's and LoRAX's field); None: the base model
 
 
 def _is_int(value) -> bool:
@@ -111,6 +112,9 @@ def parse_request(data: dict) -> GenerateRequest:
         value = data["random_seed"]
         need(value is None or (_is_int(value) and value >= 0), "random_seed must be a positive integer number or None")
         request.random_seed = value
+    if data.get("adapter_id") is not None:
+        need(isinstance(data["adapter_id"], str), "adapter_id must be the name of a served LoRA adapter")
+        request.adapter_id = data["adapter_id"]
     return request
 
 
@@ -169,9 +173,10 @@ def _row(prompt: str, output: RequestOutput, request: GenerateRequest, state: Se
 async def generate(request: Request):
     state = state_of(request)
     parsed = parse_request(await read_json_object(request))
+    lora = state.resolve_model(parsed.adapter_id)
     prompts = [await _prompt_text(sentence, state) for sentence in parsed.sentences]
     token_ids = [await state.encode(prompt, add_bos=parsed.add_BOS) for prompt in prompts]
-    jobs = [Job(ids, sampling_params(parsed, state, len(ids)), prompt) for prompt, ids in zip(prompts, token_ids)]
+    jobs = [Job(ids, sampling_params(parsed, state, len(ids)), prompt, lora) for prompt, ids in zip(prompts, token_ids)]
     outputs = await state.collect(request, jobs)
     if not isinstance(outputs, list):
         return outputs  # the client went away

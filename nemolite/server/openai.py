@@ -14,12 +14,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import Field
 
 from nemolite.engine.llm import with_chat_stops
 from nemolite.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
+from nemolite.lora.request import LoRARequest
 from nemolite.server import reward
 from nemolite.server.schemas import Body, ChatMessage
 from nemolite.server.state import Job, RequestError, ServerState, engine_call, json_logprob, state_of
@@ -209,20 +210,66 @@ async def _stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
 
 # ---------------------------------------------------------------------------------------------- routes
 
+def _model_card(state: ServerState, lora: LoRARequest | None) -> dict:
+    """A /v1/models entry: the base model, or an adapter with its ``parent`` (as vLLM lists them)."""
+    if lora is None:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nemolite",
+                "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}
+    return {"id": lora.lora_name, "object": "model", "created": state.created, "owned_by": "nemolite",
+            "root": lora.lora_path, "parent": state.model_name, "max_model_len": state.max_model_len}
+
+
+def _served_name(state: ServerState, model: str | None) -> str:
+    """The ``model`` of a response: the adapter asked for, else the base model's name."""
+    lora = state.resolve_model(model)
+    return state.model_name if lora is None else lora.lora_name
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
     state = state_of(request)
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                        "owned_by": "nemolite", "root": state.model_name,
-                                        "max_model_len": state.max_model_len}]}
+    return {"object": "list", "data": [_model_card(state, None),
+                                       *(_model_card(state, lora) for lora in state.loras.values())]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
     state = state_of(request)
-    state.check_model(model_id)
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "nemolite",
-            "max_model_len": state.max_model_len}
+    return _model_card(state, state.resolve_model(model_id))
+
+
+class LoadLoRARequest(Body):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(Body):
+    lora_name: str
+
+
+def _runtime_lora(state: ServerState) -> None:
+    if not state.allow_runtime_lora:
+        raise RequestError("loading and unloading adapters at run time is off; start the server with "
+                           "--enable-lora --allow-runtime-lora", 403)
+    if state.engine.engine.lora is None:
+        raise RequestError("this server runs without LoRA; start it with --enable-lora", 400)
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoRARequest, request: Request):
+    """vLLM's runtime adapter loading: ``{"lora_name": ..., "lora_path": ...}``."""
+    state = state_of(request)
+    _runtime_lora(state)
+    lora = await state.load_lora(body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoRARequest, request: Request):
+    state = state_of(request)
+    _runtime_lora(state)
+    await state.unload_lora(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 async def _completion_prompts(state: ServerState, prompt, n: int) -> list[tuple[str | None, list[int]]]:
@@ -246,7 +293,7 @@ async def _completion_prompts(state: ServerState, prompt, n: int) -> list[tuple[
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
-    state.check_model(body.model)
+    lora = state.resolve_model(body.model)
     if body.suffix:
         raise RequestError("suffix is not supported")
     if body.best_of is not None and body.best_of != body.n:
@@ -262,9 +309,9 @@ async def completions(body: CompletionRequest, request: Request):
             raise RequestError(f"prompt {index}: {error.message}" if len(prompts) > 1 else error.message) from None
         params = _sampling_params(body, max_tokens, logprobs=body.logprobs,
                                   prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
-        jobs.append(Job(ids, params, text))
+        jobs.append(Job(ids, params, text, lora))
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    model = state.model_name
+    model = _served_name(state, body.model)
     if body.stream:
         streams = state.submit(jobs, stream=True)
         return _stream_response(_stream_errors(_stream_completions(state, body, prompts, jobs, streams, request_id,
@@ -295,9 +342,10 @@ async def _stream_completions(state: ServerState, body: CompletionRequest, promp
     closed: set[int] = set()
     trackers: dict[int, _TextTracker] = {}
     completion_tokens = 0
+    model = _served_name(state, body.model)
 
     def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
-        return _sse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+        return _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                      "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                   "finish_reason": finish_reason}]})
 
@@ -326,7 +374,7 @@ async def _stream_completions(state: ServerState, body: CompletionRequest, promp
                 completion_tokens += len(completion.token_ids)
                 closed.add(index)
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+        yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                     "choices": [], "usage": _usage(sum(len(ids) for _, ids in prompts), completion_tokens)})
     yield _sse("[DONE]")
 
@@ -350,7 +398,7 @@ def _chat_logprobs(state: ServerState, prompt_ids: list[int], completion: Comple
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
-    state.check_model(body.model)
+    lora = state.resolve_model(body.model)
     if state.config.is_reward_model:
         return await reward.chat_completion(state, body, request)
     state.check_sequences(body.n)
@@ -362,7 +410,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs: true")
     params = with_chat_stops(state.tokenizer, _sampling_params(body, max_tokens, logprobs=top_logprobs))
-    job = Job(ids, params, prompt)
+    job = Job(ids, params, prompt, lora)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         streams = state.submit([job], stream=True)
@@ -374,15 +422,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _chat_logprobs(state, ids, c, body.top_logprobs or 0) if body.logprobs else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": state.model_name,
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": _served_name(state, body.model),
             "choices": choices, "usage": _usage(len(ids), sum(len(c.token_ids) for c in output.outputs))}
 
 
 async def _stream_chat(state: ServerState, body: ChatCompletionRequest, job: Job, streams, request_id: str,
                        created: int) -> AsyncIterator[str]:
+    model = _served_name(state, body.model)
+
     def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
         return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
-                     "model": state.model_name, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                     "model": model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                                              "finish_reason": finish_reason}]})
 
     for index in range(body.n):
@@ -409,7 +459,7 @@ async def _stream_chat(state: ServerState, body: ChatCompletionRequest, job: Job
                 closed[index] = True
                 completion_tokens += len(completion.token_ids)
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [], "usage": _usage(len(ids), completion_tokens)})
     yield _sse("[DONE]")
 

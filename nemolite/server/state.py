@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,6 +28,7 @@ from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.errors import NemoliteError
 from nemolite.json_body import parse_json_object
+from nemolite.lora.request import LoRARequest
 from nemolite.server.metrics import Metrics
 
 DEFAULT_MAX_QUEUE = 1024  # sequences waiting beyond the running batch (--max-queue)
@@ -60,13 +62,15 @@ class Job:
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None = None
+    lora_request: LoRARequest | None = None  # the adapter the request's model name chose
 
 
 class ServerState:
     """What every protocol module needs: the engine, its tokenizer, the served name, admission, metrics."""
 
     def __init__(self, engine: AsyncLLM, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
-                 reward_weights: list[float] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+                 reward_weights: list[float] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 allow_runtime_lora: bool = False):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.config = engine.config
@@ -81,11 +85,63 @@ class ServerState:
         # A reward model's default attribute weights (None: HelpSteer2's for nine attributes, else uniform).
         self.reward_weights = reward_weights
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nemolite-tokenize")
+        self.loras: dict[str, LoRARequest] = {}  # served adapters by name (--lora-modules, load_lora_adapter)
+        self.allow_runtime_lora = allow_runtime_lora
+        self._lora_ids = itertools.count(1)
 
     def check_model(self, model: str | None) -> None:
-        """An OpenAI-shaped request's ``model`` must be the served one (or left out)."""
-        if model is not None and model not in (self.model_name, ""):
-            raise RequestError(f"the model {model!r} does not exist; this server serves '{self.model_name}'", 404)
+        """An OpenAI-shaped request's ``model`` must be the served one (or left out), or one of its adapters."""
+        self.resolve_model(model)
+
+    def resolve_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's model name picks: None for the base model (named or left out)."""
+        if model is None or model in (self.model_name, ""):
+            return None
+        lora = self.loras.get(model) if isinstance(model, str) else None
+        if lora is None:
+            served = ", ".join(repr(name) for name in [self.model_name, *self.loras])
+            raise RequestError(f"the model {str(model)[:200]!r} does not exist; this server serves {served}", 404)
+        return lora
+
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def lora_request(self, name, path) -> LoRARequest:
+        """A new adapter's LoRARequest, its name and path checked (a name must be new and printable)."""
+        if not isinstance(name, str) or not 0 < len(name) <= 256 or not name.isprintable():
+            raise RequestError("an adapter's name must be a printable string of 1 to 256 characters")
+        if name == self.model_name or name in self.loras:
+            raise RequestError(f"the name {name!r} is taken; give the adapter another name")
+        if not isinstance(path, str) or not path:
+            raise RequestError("an adapter's path must be a non-empty string")
+        return LoRARequest(name, next(self._lora_ids), path, self.model_name)
+
+    def add_lora_blocking(self, name: str, path: str) -> LoRARequest:
+        """Read and register an adapter before serving (raises NemoliteError for a bad one)."""
+        lora = self.lora_request(name, path)
+        self.engine.call_blocking(lambda engine, request: engine.add_lora(request), lora)
+        self.loras[name] = lora
+        return lora
+
+    async def load_lora(self, name, path) -> LoRARequest:
+        lora = self.lora_request(name, path)
+        try:
+            await self.engine.call(lambda engine, request: engine.add_lora(request), lora)
+        except NemoliteError as error:
+            raise RequestError(str(error)) from None
+        if name in self.loras:  # loaded twice at once: the first one stays
+            raise RequestError(f"the name {name!r} is taken; give the adapter another name")
+        self.loras[name] = lora
+        return lora
+
+    async def unload_lora(self, name) -> None:
+        lora = self.loras.get(name) if isinstance(name, str) else None
+        if lora is None:
+            raise RequestError(f"no adapter named {str(name)[:200]!r} is loaded; loaded: {sorted(self.loras)}", 404)
+        try:
+            await self.engine.call(lambda engine, lora_id: engine.remove_lora(lora_id), lora.lora_int_id)
+        except NemoliteError as error:
+            raise RequestError(str(error), 409) from None
+        self.loras.pop(name, None)
 
     # ------------------------------------------------------------------ text in, off the loop when large
 
@@ -134,7 +190,7 @@ class ServerState:
         try:
             for job in jobs:
                 streams.append(self.engine.add_request(job.prompt_token_ids, job.params, job.prompt, stream=stream,
-                                                       validated=True))
+                                                       validated=True, lora_request=job.lora_request))
         except BaseException:
             for added in streams:
                 added.abort()
@@ -202,8 +258,12 @@ class ServerState:
         finally:
             stream.abort()
             now = time.monotonic()
+            generated = sum(len(o.token_ids) for o in last.outputs) if last is not None else 0
             metrics.prompt_tokens.inc(len(job.prompt_token_ids))
-            metrics.generation_tokens.inc(sum(len(o.token_ids) for o in last.outputs) if last is not None else 0)
+            metrics.generation_tokens.inc(generated)
+            if job.lora_request is not None:
+                metrics.lora_requests.labels(job.lora_request.lora_name).inc()
+                metrics.lora_generation_tokens.labels(job.lora_request.lora_name).inc(generated)
             if last is not None and last.finished:
                 metrics.e2e_latency.observe(now - arrival)
                 longest = max(len(o.token_ids) for o in last.outputs)

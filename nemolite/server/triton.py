@@ -44,7 +44,8 @@ INPUTS = [("prompts", "TYPE_STRING", "BYTES"), ("max_output_len", "TYPE_INT64", 
           ("use_greedy", "TYPE_BOOL", "BOOL"), ("add_BOS", "TYPE_BOOL", "BOOL"), ("all_probs", "TYPE_BOOL", "BOOL"),
           ("compute_logprob", "TYPE_BOOL", "BOOL"), ("stop_words_list", "TYPE_STRING", "BYTES"),
           ("bad_words_list", "TYPE_STRING", "BYTES"), ("end_strings", "TYPE_STRING", "BYTES"),
-          ("output_context_logits", "TYPE_BOOL", "BOOL"), ("output_generation_logits", "TYPE_BOOL", "BOOL")]
+          ("output_context_logits", "TYPE_BOOL", "BOOL"), ("output_generation_logits", "TYPE_BOOL", "BOOL"),
+          ("adapter_id", "TYPE_STRING", "BYTES")]
 OUTPUTS = [("outputs", "TYPE_STRING", "BYTES")]  # the TYPE_STRING output first: NemoQueryLLM reads outputs[0]
 # A reward model is served as NeMo-Aligner's reward server serves it (NVIDIA/NeMo-Aligner
 # nemo_aligner/algorithms/reward_server.py): model "reward_model",
@@ -68,6 +69,7 @@ class InferRequest:
     use_greedy: bool = False
     add_BOS: bool | None = None  # None: the checkpoint's own rule
     stop: list[str] = dataclasses.field(default_factory=list)
+    adapter_id: str | None = None  # a served LoRA adapter's name, one for the whole request
 
 
 def _model_name(state: ServerState) -> str:
@@ -162,6 +164,11 @@ def parse_request(tensors: dict[str, np.ndarray]) -> InferRequest:
     for name in ("stop_words_list", "end_strings"):
         if name in tensors:
             request.stop += [word for word in _strings(tensors[name], name) if word]
+    if "adapter_id" in tensors:
+        names = set(_strings(tensors["adapter_id"], "adapter_id")) - {""}
+        if len(names) > 1:
+            raise RequestError("adapter_id names one LoRA adapter for the whole request; send one name")
+        request.adapter_id = names.pop() if names else None
     return request
 
 
@@ -267,8 +274,10 @@ async def infer(request: Request, name: str, version: str | None = None):
     if state.config.is_reward_model:
         return await _infer_rewards(request, state, header, tensors)
     parsed = parse_request(tensors)
+    lora = state.resolve_model(parsed.adapter_id)
     token_ids = [await state.encode(prompt, add_bos=parsed.add_BOS) for prompt in parsed.prompts]
-    jobs = [Job(ids, sampling_params(parsed, state, len(ids)), prompt) for prompt, ids in zip(parsed.prompts, token_ids)]
+    jobs = [Job(ids, sampling_params(parsed, state, len(ids)), prompt, lora)
+            for prompt, ids in zip(parsed.prompts, token_ids)]
     outputs = await state.collect(request, jobs)
     if not isinstance(outputs, list):
         return outputs  # the client went away

@@ -140,7 +140,7 @@ def test_compiled_decode_equals_eager(nemotron_dir, alone):
     decoder = llm.engine.runner.decoder
     assert decoder.compiled_buckets == {1, 2}
     if DEVICE == "cpu":  # after a step checked it, a kind is called without Dynamo (CUDA replays CUDA graphs)
-        assert set(decoder._direct) == {(1, True), (2, True)}
+        assert set(decoder._direct) == {(1, True, False), (2, True, False)}
 
 
 def test_a_direct_step_that_disagrees_with_dynamo_is_not_used(nemotron_dir, alone, monkeypatch):

@@ -1,0 +1,21 @@
+"""Which reader an adapter path needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemolite.errors import NemoliteError
+from nemolite.lora.adapter import LoRAAdapter
+from nemolite.lora.peft import is_peft_adapter, read_peft_adapter
+
+
+def read_adapter(path: str, name: str, shapes: dict[str, tuple[int, int]]) -> LoRAAdapter:
+    """The adapter at ``path`` for a model whose adaptable layers have ``shapes`` (name -> (out, in))."""
+    location = Path(path).expanduser() if path else None
+    if location is None or not location.exists():
+        raise NemoliteError(f"LoRA adapter {name!r}: {path!r} does not exist; give the directory holding "
+                            "adapter_config.json (PEFT)")
+    if is_peft_adapter(location):
+        return read_peft_adapter(location, name, list(shapes))
+    raise NemoliteError(f"LoRA adapter {name!r}: {path} is not an adapter nemolite reads (a PEFT directory "
+                        "with adapter_config.json)")

@@ -1,0 +1,186 @@
+"""The engine's adapters: which are known, which are read into host memory, which hold a device slot.
+
+``max_loras`` device slots (a step may use that many distinct adapters), ``max_cpu_loras`` adapters kept
+read in host memory (least recently used ones are dropped and read again when asked for), and the
+requests' adapters registered by id. Slots are handed out least recently used first, never taking one
+that the step being prepared uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from nemolite.errors import NemoliteError
+from nemolite.lora.adapter import LoRAAdapter
+from nemolite.lora.layers import LoRALinear, LoRAMapping
+from nemolite.lora.request import LoRARequest
+
+log = logging.getLogger(__name__)
+
+# Layers computed as one by fuse_projections, and the checkpoint layers they hold, in output order.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+SINGLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "linear_attn", "linear_mlp")
+
+
+def _part_rows(parent: nn.Module, fused_name: str, out_features: int) -> list[int]:
+    if fused_name == "qkv_proj":
+        kv = parent.num_kv_heads * parent.head_dim
+        return [parent.num_heads * parent.head_dim, kv, kv]
+    return [out_features // 2, out_features // 2]
+
+
+def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
+                        mapping: LoRAMapping) -> tuple[list[LoRALinear], dict[str, tuple[int, int]]]:
+    """Wrap every adaptable linear layer of ``model`` (after fuse_projections) in a LoRALinear. Returns the
+    layers and the (out, in) shape of each checkpoint layer name they cover."""
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    layers: list[LoRALinear] = []
+    shapes: dict[str, tuple[int, int]] = {}
+    for index, decoder_layer in enumerate(model.model.layers):
+        for block_name in ("self_attn", "mlp"):
+            parent = getattr(decoder_layer, block_name, None)
+            if parent is None:
+                continue
+            prefix = f"model.layers.{index}.{block_name}"
+            for child_name, child in list(parent.named_children()):
+                if child_name not in FUSED_PARTS and child_name not in SINGLE_TARGETS:
+                    continue
+                in_features, out_features = child.in_features, child.out_features
+                if child_name in FUSED_PARTS:
+                    names = FUSED_PARTS[child_name]
+                    rows = _part_rows(parent, child_name, out_features)
+                else:
+                    names, rows = (child_name,), [out_features]
+                parts, first = [], 0
+                for name, count in zip(names, rows):
+                    parts.append((f"{prefix}.{name}", first, count))
+                    shapes[f"{prefix}.{name}"] = (count, in_features)
+                    first += count
+                layer = LoRALinear(child, parts, in_features, out_features, num_slots, max_rank, mapping,
+                                   len(layers), dtype, device)
+                setattr(parent, child_name, layer)
+                layers.append(layer)
+    return layers, shapes
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None):
+        if max_loras < 1 or max_lora_rank < 1:
+            raise NemoliteError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_lora_rank}")
+        if model.parallel.distributed:
+            raise NemoliteError("LoRA adapters do not run under tensor or pipeline parallelism yet; "
+                                "serve the base model on one process with --enable-lora")
+        if model.config.is_reward_model:
+            raise NemoliteError("LoRA adapters are served on language models, not on a reward model")
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+        self.device = next(model.parameters()).device
+        self.mapping = LoRAMapping()
+        self.layers, self.shapes = install_lora_layers(model, max_loras, max_lora_rank, self.mapping)
+        self.requests: dict[int, LoRARequest] = {}  # registered adapters by id
+        self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # read adapters, least recently used first
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> device slot, least recently used first
+        self.free_slots = list(range(1, max_loras + 1))
+        self.num_loads = 0
+        self.num_evictions = 0
+
+    # -- adapters by id ---------------------------------------------------------------------------------
+
+    def add(self, request: LoRARequest) -> None:
+        """Register ``request``'s adapter, reading and checking it now unless it is read already. A known id
+        must name the same adapter."""
+        known = self.requests.get(request.lora_int_id)
+        if known is not None:
+            if (known.lora_name, known.lora_path) != (request.lora_name, request.lora_path):
+                raise NemoliteError(f"LoRA id {request.lora_int_id} is already adapter {known.lora_name!r} "
+                                    f"({known.lora_path}); give each adapter its own lora_int_id")
+            self._host_adapter(request.lora_int_id)
+            return
+        adapter = self._read(request)
+        self.requests[request.lora_int_id] = request
+        self._keep(request.lora_int_id, adapter)
+
+    def remove(self, lora_id: int) -> bool:
+        """Forget an adapter (its slot is freed; requests already running with it must have ended)."""
+        if self.requests.pop(lora_id, None) is None:
+            return False
+        self.host.pop(lora_id, None)
+        slot = self.slot_of.pop(lora_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+        return True
+
+    def _read(self, request: LoRARequest) -> LoRAAdapter:
+        from nemolite.lora.formats import read_adapter
+
+        adapter = read_adapter(request.lora_path, request.lora_name, self.shapes)
+        adapter.check(self.shapes, self.max_lora_rank)
+        dtype = self.layers[0].lora_a.dtype
+        for w in adapter.weights.values():
+            w.lora_a, w.lora_b = w.lora_a.to(dtype), w.lora_b.to(dtype)
+        log.info("LoRA adapter %s: rank %d over %d layers, %.1f MB, from %s", request.lora_name, adapter.rank,
+                 len(adapter.weights), adapter.num_bytes / 1e6, request.lora_path)
+        return adapter
+
+    def _host_adapter(self, lora_id: int) -> LoRAAdapter:
+        adapter = self.host.get(lora_id)
+        if adapter is None:  # dropped from host memory: read again
+            adapter = self._read(self.requests[lora_id])
+            self._keep(lora_id, adapter)
+        self.host.move_to_end(lora_id)
+        return adapter
+
+    def _keep(self, lora_id: int, adapter: LoRAAdapter) -> None:
+        self.host[lora_id] = adapter
+        self.host.move_to_end(lora_id)
+        while len(self.host) > self.max_cpu_loras:
+            dropped, _ = self.host.popitem(last=False)
+            log.info("LoRA adapter %s dropped from host memory", self.requests[dropped].lora_name)
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    def activate(self, lora_ids: set[int]) -> dict[int, int]:
+        """Device slots for the adapters of one step (at most max_loras of them): adapter id -> slot."""
+        if len(lora_ids) > self.max_loras:
+            raise RuntimeError(f"a step uses {len(lora_ids)} adapters; the scheduler keeps to {self.max_loras}")
+        for lora_id in lora_ids:
+            if lora_id in self.slot_of:
+                self.slot_of.move_to_end(lora_id)
+                continue
+            if not self.free_slots:
+                victim = next(i for i in self.slot_of if i not in lora_ids)
+                self.free_slots.append(self.slot_of.pop(victim))
+                self.num_evictions += 1
+            slot = self.free_slots.pop()
+            weights = self._host_adapter(lora_id).weights
+            for layer in self.layers:
+                layer.set_slot(slot, weights)
+            self.slot_of[lora_id] = slot
+            self.num_loads += 1
+        return {lora_id: self.slot_of[lora_id] for lora_id in lora_ids}
+
+    def set_token_slots(self, token_lora_ids: list[int]) -> None:
+        """Eager step: each flattened token's adapter id (0: the base model)."""
+        slots = self.activate(set(token_lora_ids) - {0})
+        slots[0] = 0
+        self.mapping.set_tokens([slots[i] for i in token_lora_ids], self.device)
+
+    def static_slots(self, seq_lora_ids: list[int], padded: int) -> torch.Tensor:
+        """Compiled decode step: [padded] slot of each row (padding rows: slot 0)."""
+        slots = self.activate(set(seq_lora_ids) - {0})
+        slots[0] = 0
+        return torch.tensor([slots[i] for i in seq_lora_ids] + [0] * (padded - len(seq_lora_ids)),
+                            dtype=torch.long, device=self.device)
+
+    def weights(self) -> list[torch.Tensor]:
+        """Every slot tensor, in a fixed order (the compiled step takes them as inputs)."""
+        return [t for layer in self.layers for t in (layer.lora_a, layer.lora_b)]
+
+    def stats(self) -> dict[str, int]:
+        return {"lora_adapters": len(self.requests), "lora_loads": self.num_loads,
+                "lora_evictions": self.num_evictions}
