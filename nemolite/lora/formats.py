@@ -6,16 +6,20 @@ from pathlib import Path
 
 from nemolite.errors import NemoliteError
 from nemolite.lora.adapter import LoRAAdapter
+from nemolite.lora.nemo import is_nemo_adapter, read_nemo_adapter
 from nemolite.lora.peft import is_peft_adapter, read_peft_adapter
+
+FORMATS = ("a PEFT directory with adapter_config.json, or a NeMo LoRA .nemo file (or a directory with its "
+           "model_config.yaml, or holding one .nemo)")
 
 
 def read_adapter(path: str, name: str, shapes: dict[str, tuple[int, int]]) -> LoRAAdapter:
     """The adapter at ``path`` for a model whose adaptable layers have ``shapes`` (name -> (out, in))."""
     location = Path(path).expanduser() if path else None
     if location is None or not location.exists():
-        raise NemoliteError(f"LoRA adapter {name!r}: {path!r} does not exist; give the directory holding "
-                            "adapter_config.json (PEFT)")
+        raise NemoliteError(f"LoRA adapter {name!r}: {path!r} does not exist; give {FORMATS}")
     if is_peft_adapter(location):
         return read_peft_adapter(location, name, list(shapes))
-    raise NemoliteError(f"LoRA adapter {name!r}: {path} is not an adapter nemolite reads (a PEFT directory "
-                        "with adapter_config.json)")
+    if is_nemo_adapter(location):
+        return read_nemo_adapter(location, name, shapes)
+    raise NemoliteError(f"LoRA adapter {name!r}: {path} is not an adapter nemolite reads ({FORMATS})")
