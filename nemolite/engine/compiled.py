@@ -73,7 +73,7 @@ class _DirectStep:
     compiled callable takes the graph's inputs as a flat list, so each kind of step (batch bucket, with or
     without context) keeps it with where each input comes from: a position in the step's flat inputs
     (``[input_ids, positions, context_slots, context_mask, *key_caches, *value_caches]``, then with LoRA
-    ``lora_slots, *lora_weights``), or for the
+    ``lora_slots``), or for the
     dynamic context length, a size of one of them. The guards Dynamo would check hold by construction:
     a kind fixes the batch bucket, the caches and the dtypes; the context length is dynamic.
     """
@@ -188,11 +188,11 @@ class CompiledDecoder:
         return {kind[0] for kind in self.compiled_kinds}
 
     def _decode(self, input_ids, positions, context_slots, context_mask, key_caches, value_caches,
-                lora_slots=None, lora_weights=None):
+                lora_slots=None):
         paged_kernel = input_ids.device.type == "cpu" and self.paged_kernel
         attention = _GraphAttention(key_caches, value_caches, context_slots, context_mask, positions, paged_kernel)
-        if self.lora_mapping is not None:  # the adapters' slots and weights are inputs, never constants
-            self.lora_mapping.set_static(lora_slots, lora_weights or [])
+        if self.lora_mapping is not None:  # each row's adapter slot is an input (nemolite::lora_delta reads them)
+            self.lora_mapping.set_static(lora_slots)
         logits = self.model(input_ids[:, None], positions[:, None], cache=attention)[:, 0]
         if self.lora_mapping is not None:
             self.lora_mapping.clear()
@@ -201,11 +201,10 @@ class CompiledDecoder:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, context_slots: torch.Tensor,
                  context_mask: torch.Tensor, key_caches: list, value_caches: list,
-                 lora_slots: torch.Tensor | None = None, lora_weights: list | None = None):
+                 lora_slots: torch.Tensor | None = None):
         """input_ids, positions [B]; context_slots, context_mask [B, S] -> logits [B, V], the indices of the
         layers with a cache, and their new keys and values [B, G, hd] in that order. ``lora_slots`` [bucket]
-        (already padded) and ``lora_weights``: the LoRA slot of each row and every slot tensor, when a row
-        of the step has an adapter.
+        (already padded): the LoRA slot of each row, when a row of the step has an adapter.
 
         S is a multiple of CONTEXT_BUCKET (ModelRunner.context_slots pads it): where a backend specialises
         the length (CUDA does), graphs are still reused for 64 positions at a time."""
@@ -236,7 +235,7 @@ class CompiledDecoder:
         new_bucket = bucket not in self.compiled_buckets
         inputs = [input_ids, positions, context_slots, context_mask, *key_caches, *value_caches]
         if lora_slots is not None:
-            inputs += [lora_slots, *lora_weights]
+            inputs.append(lora_slots)
         direct = self._direct.get(kind)
         if direct is not None:
             logits, new_keys, new_values = direct(inputs)
@@ -246,7 +245,7 @@ class CompiledDecoder:
             self._tracing_inputs, self._traced, self._tracing_layers = inputs, None, len(layers)
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=kind in self.compiled_kinds):
                 logits, new_keys, new_values = self.graph(input_ids, positions, context_slots, context_mask,
-                                                          key_caches, value_caches, lora_slots, lora_weights)
+                                                          key_caches, value_caches, lora_slots)
             self._tracing_inputs = None
             self._check_direct(kind, inputs, logits, new_keys, new_values)
         self.compiled_kinds.add(kind)

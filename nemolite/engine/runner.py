@@ -166,13 +166,12 @@ class ModelRunner:
         slots, mask = self._decode_context(seqs, lengths)
         new_slots = torch.tensor([slot(seq, n, size) for seq, n in zip(seqs, lengths)], device=device)
         input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], device=device)
-        lora_slots = lora_weights = None
+        lora_slots = None
         if self.lora is not None and any(seq.lora_id for seq in seqs):
             lora_slots = self.lora.static_slots([seq.lora_id for seq in seqs], batch_bucket(len(seqs)))
-            lora_weights = self.lora.weights()
         logits, layers, new_keys, new_values = self.decoder(
             input_ids, torch.tensor(lengths, device=device), slots, mask, self.cache.keys, self.cache.values,
-            lora_slots, lora_weights)
+            lora_slots)
         caches = [self.cache.keys[i] for i in layers] + [self.cache.values[i] for i in layers]
         rows = new_keys + new_values
         if device.type == "cpu" and cpu_kernels.has("store_rows") and all(

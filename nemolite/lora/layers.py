@@ -1,35 +1,41 @@
 """LoRA on the decoder's linear layers: a pool of adapter slots per layer, any mix of them per step.
 
-Every adaptable layer is wrapped once, at engine start, by a ``LoRALinear`` holding its slots:
-A [slots, P·R, in] and B [slots, out, P·R] with P the layers fused into it (q/k/v: 3, gate/up: 2, else 1)
-and R the engine's max rank. Part p's A rows are [p·R, p·R + r) and its B block sits in its own output
-rows, so a fused layer runs one low-rank product for all its parts. Slot 0 is never written: tokens
-without an adapter use it, so every token has a slot.
+Every adaptable layer is wrapped once, at engine start, by a ``LoRALinear`` holding its slots 1..S:
+A [S, P·R, in] and B [S, out, P·R] with P the layers fused into it (q/k/v: 3, gate/up: 2, else 1) and R
+the engine's max rank. Part p's A rows are [p·R, p·R + r) and its B block sits in its own output rows, so a
+fused layer runs one low-rank product for all its parts. Slot 0 means no adapter.
 
 Which slot each token uses is the step's ``LoRAMapping``, shared by all the layers of a model:
 - eager steps group the tokens by slot and run each group's two small GEMMs on its rows only
   (no per-token copy of any weight; a step without adapters costs nothing);
-- the compiled decode step has static shapes: every slot's product for every row, ``[slots, B, out]``,
-  then each row takes its own slot's. Slots hold their weights in place, so a graph never captures them.
+- the compiled decode step has static shapes: one opaque op a layer (``nemolite::lora_delta``) multiplies
+  every row by every slot's A at once (A of all slots side by side, [S·W, in]), zeroes the columns of the
+  slots a row does not use, and multiplies by every slot's B side by side ([out, S·W]): two GEMMs and no
+  gather. The op reads the layer's slots when it runs, so a graph never captures adapter weights as
+  constants, and on the CPU both matrices are kept prepacked for oneDNN (repacked when a slot changes).
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nemolite.lora.adapter import LoRAWeights
+from nemolite.model import cpu_kernels
 
 
 class LoRAMapping:
     """The current step's slot of each token, set by the runner (None: no adapter in this step)."""
 
-    __slots__ = ("groups", "token_slots", "weights")
+    __slots__ = ("groups", "token_slots")
 
     def __init__(self):
         self.groups: list[tuple[int, torch.Tensor | None]] | None = None  # (slot, rows or None for all)
-        self.token_slots: torch.Tensor | None = None  # [N] for the static form
-        self.weights: list[torch.Tensor] = []  # the static form's A and B of each layer (graph inputs)
+        self.token_slots: torch.Tensor | None = None  # [N] for the static form (a graph input)
 
     def set_tokens(self, token_slots: list[int], device: torch.device) -> None:
         """Eager step: the slot of each flattened token (0: none)."""
@@ -43,13 +49,16 @@ class LoRAMapping:
             self.groups = [(s, torch.nonzero(slots == s)[:, 0].to(device)) for s in used]
         self.token_slots = None
 
-    def set_static(self, token_slots: torch.Tensor | None, weights: list[torch.Tensor]) -> None:
-        """Compiled step: [B] slots and each layer's A and B, the graph's inputs; every slot computed for
-        every row."""
-        self.groups, self.token_slots, self.weights = None, token_slots, weights
+    def set_static(self, token_slots: torch.Tensor | None) -> None:
+        """Compiled step: [B] slots (0: none), every slot computed for every row."""
+        self.groups, self.token_slots = None, token_slots
 
     def clear(self) -> None:
-        self.groups, self.token_slots, self.weights = None, None, []
+        self.groups, self.token_slots = None, None
+
+
+_SITES: dict[int, "weakref.ref[LoRALinear]"] = {}  # what nemolite::lora_delta's ``site`` names
+_NEXT_SITE = itertools.count()
 
 
 class LoRALinear(nn.Module):
@@ -57,43 +66,58 @@ class LoRALinear(nn.Module):
     rows) of the checkpoint layers this one computes, in output order."""
 
     def __init__(self, base: nn.Module, parts: list[tuple[str, int, int]], in_features: int, out_features: int,
-                 num_slots: int, max_rank: int, mapping: LoRAMapping, index: int, dtype: torch.dtype,
-                 device: torch.device):
+                 num_slots: int, max_rank: int, mapping: LoRAMapping, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.base = base
-        self.index = index  # this layer's A and B are mapping.weights[2 * index : 2 * index + 2]
         self.parts = parts
         self.max_rank = max_rank
         self.mapping = mapping
-        width = max_rank * len(parts)
+        self.num_slots, self.width, self.out_features = num_slots, max_rank * len(parts), out_features
         # Plain attributes, not buffers: a compiled graph with frozen parameters must not capture them.
-        self.lora_a = torch.zeros(num_slots + 1, width, in_features, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots + 1, out_features, width, dtype=dtype, device=device)
+        self.lora_a = torch.zeros(num_slots, self.width, in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(num_slots, out_features, self.width, dtype=dtype, device=device)
+        self._side_by_side: tuple | None = None  # (A [S·W, in], B [out, S·W], prepacked?) for lora_delta
+        self.site = next(_NEXT_SITE)
+        _SITES[self.site] = weakref.ref(self)
 
     def set_slot(self, slot: int, weights: dict[str, LoRAWeights]) -> None:
-        """Write an adapter's weights for this layer's parts into ``slot`` (zeros where it has none)."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        """Write an adapter's weights for this layer's parts into ``slot`` (1..S; zeros where it has none)."""
+        lora_a, lora_b = self.lora_a[slot - 1], self.lora_b[slot - 1]
+        lora_a.zero_()
+        lora_b.zero_()
         for index, (name, first_row, rows) in enumerate(self.parts):
             w = weights.get(name)
             if w is None:
                 continue
             column = index * self.max_rank
-            self.lora_a[slot, column:column + w.rank] = w.lora_a
-            self.lora_b[slot, first_row:first_row + rows, column:column + w.rank] = w.lora_b
+            lora_a[column:column + w.rank] = w.lora_a
+            lora_b[first_row:first_row + rows, column:column + w.rank] = w.lora_b
+        self._side_by_side = None
+
+    def side_by_side(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Every slot's A stacked [S·W, in] and B side by side [out, S·W], prepacked for oneDNN when it can."""
+        if self._side_by_side is None:
+            lora_a = self.lora_a.reshape(-1, self.lora_a.shape[-1])
+            lora_b = self.lora_b.permute(1, 0, 2).reshape(self.out_features, -1).contiguous()
+            packed_a, packed_b = cpu_kernels.pack_weight(lora_a), cpu_kernels.pack_weight(lora_b)
+            if packed_a is not None and packed_b is not None:
+                self._side_by_side = (packed_a, packed_b, True)
+            else:
+                self._side_by_side = (lora_a, lora_b, False)
+        return self._side_by_side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         mapping = self.mapping
         if mapping.token_slots is not None:
-            lora_a, lora_b = mapping.weights[2 * self.index], mapping.weights[2 * self.index + 1]
-            return y + static_delta(x, mapping.token_slots, lora_a, lora_b).view_as(y)
+            delta = torch.ops.nemolite.lora_delta(x.reshape(-1, x.shape[-1]), mapping.token_slots, self.site)
+            return y + delta.view_as(y)
         if mapping.groups is None:
             return y
         rows_in, rows_out = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         for slot, rows in mapping.groups:
             selected = rows_in if rows is None else rows_in.index_select(0, rows)
-            delta = (selected @ self.lora_a[slot].t()) @ self.lora_b[slot].t()
+            delta = (selected @ self.lora_a[slot - 1].t()) @ self.lora_b[slot - 1].t()
             if rows is None:
                 rows_out += delta
             else:
@@ -101,10 +125,18 @@ class LoRALinear(nn.Module):
         return y
 
 
+@torch.library.custom_op("nemolite::lora_delta", mutates_args=())
+def lora_delta(x: torch.Tensor, token_slots: torch.Tensor, site: int) -> torch.Tensor:
+    """x [N, in], token_slots [N] (0: no adapter) -> [N, out]: each row times its slot's A, then B."""
+    layer = _SITES[site]()
+    lora_a, lora_b, packed = layer.side_by_side()
+    slots = torch.arange(1, layer.num_slots + 1, device=x.device)
+    mask = (token_slots[:, None] == slots).repeat_interleave(layer.width, dim=1).to(x.dtype)  # [N, S·W]
+    if packed:
+        return cpu_kernels.packed_linear(cpu_kernels.packed_linear(x, lora_a, None) * mask, lora_b, None)
+    return F.linear(F.linear(x, lora_a) * mask, lora_b)
 
-def static_delta(x: torch.Tensor, token_slots: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """x [N, in] (any leading shape), token_slots [N], lora_a [slots, W, in], lora_b [slots, out, W] -> [N, out]."""
-    rows_in = x.reshape(-1, x.shape[-1])
-    shrunk = torch.matmul(rows_in, lora_a.transpose(1, 2))  # [slots, N, W]
-    expanded = torch.matmul(shrunk, lora_b.transpose(1, 2))  # [slots, N, out]
-    return expanded[token_slots, torch.arange(rows_in.shape[0], device=x.device)]
+
+@lora_delta.register_fake
+def _(x, token_slots, site):
+    return x.new_empty(x.shape[0], _SITES[site]().out_features)

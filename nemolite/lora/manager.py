@@ -62,7 +62,7 @@ def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
                     shapes[f"{prefix}.{name}"] = (count, in_features)
                     first += count
                 layer = LoRALinear(child, parts, in_features, out_features, num_slots, max_rank, mapping,
-                                   len(layers), dtype, device)
+                                   dtype, device)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
     return layers, shapes
@@ -176,10 +176,6 @@ class LoRAManager:
         slots[0] = 0
         return torch.tensor([slots[i] for i in seq_lora_ids] + [0] * (padded - len(seq_lora_ids)),
                             dtype=torch.long, device=self.device)
-
-    def weights(self) -> list[torch.Tensor]:
-        """Every slot tensor, in a fixed order (the compiled step takes them as inputs)."""
-        return [t for layer in self.layers for t in (layer.lora_a, layer.lora_b)]
 
     def stats(self) -> dict[str, int]:
         return {"lora_adapters": len(self.requests), "lora_loads": self.num_loads,
