@@ -109,8 +109,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         mapping = self.mapping
-        if mapping.token_slots is not None:
-            delta = torch.ops.nemolite.lora_delta(x.reshape(-1, x.shape[-1]), mapping.token_slots, self.site)
+        if mapping.token_slots is not None:  # in the compiled graph, which fuses the mask into one small kernel
+            slots = torch.arange(1, self.num_slots + 1, device=x.device)
+            mask = (mapping.token_slots[:, None] == slots).repeat_interleave(self.width, dim=1).to(x.dtype)
+            delta = torch.ops.nemolite.lora_delta(x.reshape(-1, x.shape[-1]), mask, self.site)
             return y + delta.view_as(y)
         if mapping.groups is None:
             return y
@@ -126,17 +128,15 @@ class LoRALinear(nn.Module):
 
 
 @torch.library.custom_op("nemolite::lora_delta", mutates_args=())
-def lora_delta(x: torch.Tensor, token_slots: torch.Tensor, site: int) -> torch.Tensor:
-    """x [N, in], token_slots [N] (0: no adapter) -> [N, out]: each row times its slot's A, then B."""
-    layer = _SITES[site]()
-    lora_a, lora_b, packed = layer.side_by_side()
-    slots = torch.arange(1, layer.num_slots + 1, device=x.device)
-    mask = (token_slots[:, None] == slots).repeat_interleave(layer.width, dim=1).to(x.dtype)  # [N, S·W]
+def lora_delta(x: torch.Tensor, mask: torch.Tensor, site: int) -> torch.Tensor:
+    """x [N, in], mask [N, S·W] (1 on the columns of each row's slot) -> [N, out]: each row times its slot's
+    A, then its B, for the LoRALinear numbered ``site``."""
+    lora_a, lora_b, packed = _SITES[site]().side_by_side()
     if packed:
         return cpu_kernels.packed_linear(cpu_kernels.packed_linear(x, lora_a, None) * mask, lora_b, None)
     return F.linear(F.linear(x, lora_a) * mask, lora_b)
 
 
 @lora_delta.register_fake
-def _(x, token_slots, site):
+def _(x, mask, site):
     return x.new_empty(x.shape[0], _SITES[site]().out_features)
