@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "sharded safetensors with an index, tokenizer files. DST appears "
                                               "only when complete. With --quantization the linear layers are "
                                               "written quantized in the compressed-tensors pack-quantized format "
-                                              "(what vLLM, transformers and nemolite load).")
+                                              "(what vLLM, transformers and nemolite load). A NeMo LoRA adapter "
+                                              "(.nemo with peft.lora_tuning) is written as a PEFT directory.")
     convert.add_argument("source", metavar="SRC")
     convert.add_argument("destination", metavar="DST")
     convert.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -188,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--quantization", type=quantization_arg, default=None, metavar="METHOD",
                          help=QUANTIZATION_HELP.replace("none (default): the checkpoint's weights as they are",
                                                         "none (default): float weights"))
+
+    merge = commands.add_parser("merge-lora", help="merge a LoRA adapter into its base model's weights",
+                                description="Write BASE (HF or NeMo) with ADAPTER (PEFT or NeMo LoRA) merged in as "
+                                            "an HF directory DST: W + B A with the adapter's scale applied "
+                                            "(alpha / r, or alpha / adapter_dim for NeMo).")
+    merge.add_argument("base", metavar="BASE")
+    merge.add_argument("adapter", metavar="ADAPTER")
+    merge.add_argument("destination", metavar="DST")
+    merge.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                       help="cast the weights (default: keep the base checkpoint's)")
+    merge.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
     plan = commands.add_parser("plan", help="how a model splits over GPUs, from its config alone",
                                description="For each tensor x pipeline layout of --gpus GPUs: weights and KV "
@@ -446,10 +459,33 @@ def _size(text: str) -> int:
 
 
 def run_convert(args) -> int:
-    from nemolite.checkpoint.convert import convert
+    from pathlib import Path
 
+    from nemolite.checkpoint.convert import convert
+    from nemolite.lora.export import is_nemo_lora, write_peft
+    from nemolite.lora.nemo import read_nemo_adapter
+    from nemolite.lora.peft import is_peft_adapter
+
+    if is_peft_adapter(Path(args.source)):
+        raise NemoliteError(f"{args.source} is a PEFT adapter already; serve it with --lora-modules, or merge it "
+                            "into its base model with `nemolite merge-lora BASE ADAPTER DST`")
+    if is_nemo_lora(args.source):  # a NeMo LoRA adapter: written as a PEFT directory
+        if args.quantization or args.dtype not in (None, "auto"):
+            raise NemoliteError("--quantization and --dtype are for models; an adapter is written in fp32")
+        adapter = read_nemo_adapter(args.source, Path(args.source).stem, {})
+        print(write_peft(adapter, args.destination, overwrite=args.overwrite))
+        return 0
     destination = convert(args.source, args.destination, dtype=args.dtype, max_shard_bytes=_size(args.max_shard_size),
                           overwrite=args.overwrite, quantization=args.quantization)
+    print(destination)
+    return 0
+
+
+def run_merge_lora(args) -> int:
+    from nemolite.checkpoint.convert import convert
+
+    destination = convert(args.base, args.destination, dtype=args.dtype, max_shard_bytes=_size(args.max_shard_size),
+                          overwrite=args.overwrite, lora=args.adapter)
     print(destination)
     return 0
 
@@ -491,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     level = log.level
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     handlers = {"generate": run_generate, "chat": run_chat, "serve": run_serve, "convert": run_convert,
-                "plan": run_plan, "bench": run_bench, "sdg": run_sdg}
+                "plan": run_plan, "bench": run_bench, "sdg": run_sdg, "merge-lora": run_merge_lora}
     try:
         return handlers[args.command](args)
     except NemoliteError as error:

@@ -100,10 +100,11 @@ def open_source(path: str | Path) -> TensorSource:
 
 def convert(source: str | Path, destination: str | Path, dtype: str | None = None,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool | None = None,
-            quantization: str | QuantSpec | None = None) -> Path:
-    """Write ``source`` as an HF checkpoint at ``destination`` (its linear layers quantized with
-    ``quantization``); returns the destination path. ``progress``: None draws a bar when stderr is a
-    terminal, True always, False never (an INFO log line at the end in every case)."""
+            quantization: str | QuantSpec | None = None, lora: str | Path | None = None) -> Path:
+    """Write ``source`` as an HF checkpoint at ``destination`` (a LoRA adapter at ``lora`` merged into its
+    weights, then its linear layers quantized with ``quantization``); returns the destination path.
+    ``progress``: None draws a bar when stderr is a terminal, True always, False never (an INFO log line at
+    the end in every case)."""
     destination = Path(destination).expanduser()
     spec = parse_quantization(quantization)
     if destination.exists() and any(destination.iterdir()) and not overwrite:
@@ -117,6 +118,8 @@ def convert(source: str | Path, destination: str | Path, dtype: str | None = Non
         if "quantization_config" in src.hf_config and (spec is not None or target_dtype is not None):
             raise NemoliteError(f"{source} is quantized already ({src.hf_config['quantization_config'].get('quant_method', '?')}); "
                                 "it can be resharded, but not cast or quantized again")
+        if lora is not None:
+            src = _with_adapter(src, lora)
         quantize = _Quantizer(src.hf_config, spec) if spec is not None else None
         if partial.exists():
             shutil.rmtree(partial)  # what an interrupted run left: started over
@@ -137,6 +140,19 @@ def convert(source: str | Path, destination: str | Path, dtype: str | None = Non
         shutil.rmtree(destination)
     os.replace(partial, destination)
     return destination
+
+
+def _with_adapter(src: TensorSource, path: str | Path) -> TensorSource:
+    """``src`` with a LoRA adapter's ``B A`` added to the weights it adapts, as they stream."""
+    from nemolite.lora.export import adaptable_shapes, merged_tensors
+    from nemolite.lora.formats import read_adapter
+
+    if "quantization_config" in src.hf_config:
+        raise NemoliteError("the base model is quantized; merge the adapter into a float checkpoint")
+    shapes = adaptable_shapes(src.hf_config)
+    adapter = read_adapter(str(path), Path(path).name, shapes)
+    adapter.check(shapes, max_rank=max(w.rank for w in adapter.weights.values()))
+    return dataclasses.replace(src, tensors=lambda: merged_tensors(src.tensors(), adapter))
 
 
 class _Quantizer:

@@ -158,21 +158,22 @@ def read_peft_adapter(path: Path, name: str, layers: list[str]) -> LoRAAdapter:
 
 
 def write_peft_adapter(path: Path, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float,
-                       base_model: str = "") -> Path:
+                       base_model: str = "", rank_pattern: dict | None = None,
+                       alpha_pattern: dict | None = None) -> Path:
     """A PEFT LoRA directory: ``weights`` maps layer names to (A [r, in], B [out, r]) as PEFT stores them
-    (unscaled: PEFT applies alpha / r itself); every layer of rank ``rank``."""
+    (unscaled: PEFT applies alpha / r itself); layers of rank ``rank`` but where ``rank_pattern`` says."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     targets = sorted({name.rsplit(".", 1)[-1] for name in weights})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
               "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "use_dora": False, "modules_to_save": None, "rank_pattern": {},
-              "alpha_pattern": {}, "base_model_name_or_path": base_model, "inference_mode": True}
+              "use_rslora": False, "use_dora": False, "modules_to_save": None, "rank_pattern": rank_pattern or {},
+              "alpha_pattern": alpha_pattern or {}, "base_model_name_or_path": base_model, "inference_mode": True}
     (path / CONFIG).write_text(json.dumps(config, indent=2))
     tensors = {}
-    for name, (lora_a, lora_b) in weights.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous()
+    for name, (lora_a, lora_b) in weights.items():  # copies: a NeMo kqv adapter's q, k and v share one A
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.clone()
     save_file(tensors, str(path / "adapter_model.safetensors"))
     return path
