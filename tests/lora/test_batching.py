@@ -35,8 +35,7 @@ def test_mixed_batch_equals_each_request_alone(lora_base, peft_adapters, alone, 
     llm = LLM(lora_base, dtype="float32", device=DEVICE, enable_lora=True, max_loras=max_loras, max_lora_rank=8)
     together = outputs(llm, PROMPTS, requests(peft_adapters))
     assert [tokens for tokens, _ in together] == [tokens for tokens, _ in alone]
-    for (_, got), (_, want) in zip(together, alone):
-        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-5
+    assert [logprobs for _, logprobs in together] == [logprobs for _, logprobs in alone]  # fp32: identical
     assert len({tuple(tokens) for tokens, _ in alone}) == 4  # the adapters do change the answers
     if max_loras == 2:
         assert llm.engine.lora.num_evictions >= 1

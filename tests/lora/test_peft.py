@@ -116,3 +116,16 @@ def test_one_id_one_adapter(lora_llm, peft_adapters):
     with pytest.raises(NemoliteError, match="already adapter"):
         lora_llm.generate(prompt_token_ids=[PROMPTS[1]], use_tqdm=False,
                           lora_request=LoRARequest("other", 60, str(peft_adapters["layers"])))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4-g32"])
+def test_adapters_on_a_quantized_base(lora_base, peft_adapters, quantization):
+    lora = LoRARequest("all", 1, str(peft_adapters["all-rslora"]))
+    quantized = LLM(lora_base, dtype="float32", device=DEVICE, quantization=quantization, enable_lora=True,
+                    max_lora_rank=8)
+    exact = LLM(lora_base, dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=8)
+    ids = PROMPTS[0]
+    with_adapter = nemolite_logprobs(quantized, ids, lora)
+    # the adapter's update survives quantization of the base: close to the float model with it, far from without
+    assert max(abs(a - b) for a, b in zip(with_adapter, nemolite_logprobs(exact, ids, lora))) < 0.02
+    assert max(abs(a - b) for a, b in zip(with_adapter, nemolite_logprobs(quantized, ids, None))) > 0.1
