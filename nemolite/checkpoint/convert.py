@@ -144,12 +144,14 @@ def convert(source: str | Path, destination: str | Path, dtype: str | None = Non
 
 def _with_adapter(src: TensorSource, path: str | Path) -> TensorSource:
     """``src`` with a LoRA adapter's ``B A`` added to the weights it adapts, as they stream."""
-    from nemolite.lora.export import adaptable_shapes, merged_tensors
+    from nemolite.config import config_from_hf
+    from nemolite.lora.adapter import adaptable_shapes
+    from nemolite.lora.export import merged_tensors
     from nemolite.lora.formats import read_adapter
 
     if "quantization_config" in src.hf_config:
         raise NemoliteError("the base model is quantized; merge the adapter into a float checkpoint")
-    shapes = adaptable_shapes(src.hf_config)
+    shapes = adaptable_shapes(config_from_hf(src.hf_config))
     adapter = read_adapter(str(path), Path(path).name, shapes)
     adapter.check(shapes, max_rank=max(w.rank for w in adapter.weights.values()))
     return dataclasses.replace(src, tensors=lambda: merged_tensors(src.tensors(), adapter))

@@ -112,7 +112,7 @@ class LLMEngine:
         if parallel.distributed:
             from nemolite.parallel.runner import ParallelRunner
 
-            self.runner = ParallelRunner(model, self.cache, self.device, parallel)
+            self.runner = ParallelRunner(model, self.cache, self.device, parallel, lora=self.lora)
         else:
             self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile, lora=self.lora)
         self.output_processor = OutputProcessor(tokenizer, self.config)
@@ -188,7 +188,10 @@ class LLMEngine:
         if self.lora is None:
             raise NemoliteError(f"LoRA adapter {lora_request.lora_name!r} asked for, but this engine was started "
                                 "without LoRA: pass enable_lora=True (nemolite serve --enable-lora)")
+        known = lora_request.lora_int_id in self.lora.requests
         self.lora.add(lora_request)
+        if not known and self.model.parallel.distributed:
+            self.runner.add_lora(lora_request)
         salt = f"lora:{lora_request.lora_int_id}:{lora_request.lora_path}".encode()
         return lora_request.lora_int_id, salt
 
@@ -198,7 +201,10 @@ class LLMEngine:
             return False
         if any(seq.lora_id == lora_id for seq in (*self.scheduler.running, *self.scheduler.waiting)):
             raise NemoliteError(f"LoRA adapter {lora_id} is in use by running requests; unload it when they end")
-        return self.lora.remove(lora_id)
+        removed = self.lora.remove(lora_id)
+        if removed and self.model.parallel.distributed:
+            self.runner.remove_lora(lora_id)
+        return removed
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise NemoliteError for a request this engine must not run (see nemolite.engine.validation)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -42,6 +43,11 @@ class StepLogits:
     samplers: list[Sequence]
     prompt_logits: torch.Tensor  # [P, V] rows for prompt positions, in the order of prompt_ranges
     prompt_ranges: list[tuple[Sequence, int, int]]  # (sequence, first prompt position, number of rows)
+
+
+def lora_step(lora, inputs: StepInputs):
+    """The adapters of one forward pass over ``inputs`` (a no-op context without a LoRAManager)."""
+    return contextlib.nullcontext() if lora is None else lora.step(inputs.token_lora_ids)
 
 
 def slot(seq: Sequence, position: int, block_size: int) -> int:
@@ -98,15 +104,12 @@ class ModelRunner:
         outputs = []
         for inputs in micro_batches:
             self.cache.metadata = inputs.metadata
-            if self.lora is not None and inputs.token_lora_ids is not None:
-                self.lora.set_token_slots(inputs.token_lora_ids)
             try:
-                outputs.append(self.model(inputs.token_ids, inputs.positions, cache=self.cache,
-                                          logits_indices=inputs.logits_indices))
+                with lora_step(self.lora, inputs):
+                    outputs.append(self.model(inputs.token_ids, inputs.positions, cache=self.cache,
+                                              logits_indices=inputs.logits_indices))
             finally:
                 self.cache.metadata = None
-                if self.lora is not None:
-                    self.lora.mapping.clear()
         return outputs
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence], list[tuple[Sequence, int, int]]]:

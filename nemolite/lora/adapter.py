@@ -73,3 +73,14 @@ def layer_index(name: str) -> int | None:
     """The decoder layer of an adaptable layer name, or None if the name is not one."""
     match = _LAYER.match(name)
     return int(match.group(1)) if match and match.group(3) in TARGET_SUFFIXES else None
+
+
+def adaptable_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of each adaptable linear layer of the whole model ``config`` (a ModelConfig) describes, by HF
+    name (no weights are made: the model is built on the meta device)."""
+    from nemolite.model import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(config)
+    return {name: (module.out_features, module.in_features) for name, module in model.named_modules()
+            if layer_index(name) is not None}

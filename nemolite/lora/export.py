@@ -10,22 +10,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from nemolite.errors import NemoliteError
-from nemolite.lora.adapter import TARGET_SUFFIXES, LoRAAdapter, layer_index
-
-
-def adaptable_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
-    """(out, in) of each adaptable linear layer of the model ``hf_config`` describes, by HF name (no weights
-    are made: the model is built on the meta device)."""
-    from nemolite.config import config_from_hf
-    from nemolite.model import CausalLM
-
-    with torch.device("meta"):
-        model = CausalLM(config_from_hf(hf_config))
-    return {name: (module.out_features, module.in_features) for name, module in model.named_modules()
-            if name.rsplit(".", 1)[-1] in TARGET_SUFFIXES and layer_index(name) is not None}
+from nemolite.lora.adapter import LoRAAdapter
 
 
 def is_nemo_lora(path: str | Path) -> bool:

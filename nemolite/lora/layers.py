@@ -66,9 +66,14 @@ class LoRALinear(nn.Module):
     rows) of the checkpoint layers this one computes, in output order."""
 
     def __init__(self, base: nn.Module, parts: list[tuple[str, int, int]], in_features: int, out_features: int,
-                 num_slots: int, max_rank: int, mapping: LoRAMapping, dtype: torch.dtype, device: torch.device):
+                 num_slots: int, max_rank: int, mapping: LoRAMapping, dtype: torch.dtype, device: torch.device,
+                 reduce_group=None, input_slice: tuple[int, int] | None = None):
         super().__init__()
         self.base = base
+        # A row-parallel base (tensor parallelism) sees this rank's share of the inputs, and so does A: each rank's
+        # x A^T is a partial sum, all-reduced (r values a row) before B, which every rank holds whole.
+        self.reduce_group = reduce_group
+        self.input_slice = input_slice  # (start, width) of x this rank's A takes (a NAS linear sublayer's)
         self.parts = parts
         self.max_rank = max_rank
         self.mapping = mapping
@@ -117,9 +122,14 @@ class LoRALinear(nn.Module):
         if mapping.groups is None:
             return y
         rows_in, rows_out = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if self.input_slice is not None:
+            rows_in = rows_in[:, self.input_slice[0]:self.input_slice[0] + self.input_slice[1]]
         for slot, rows in mapping.groups:
             selected = rows_in if rows is None else rows_in.index_select(0, rows)
-            delta = (selected @ self.lora_a[slot - 1].t()) @ self.lora_b[slot - 1].t()
+            shrunk = selected @ self.lora_a[slot - 1].t()
+            if self.reduce_group is not None:
+                torch.distributed.all_reduce(shrunk, group=self.reduce_group)
+            delta = shrunk @ self.lora_b[slot - 1].t()
             if rows is None:
                 rows_out += delta
             else:

@@ -8,6 +8,7 @@ that the step being prepared uses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from nemolite.errors import NemoliteError
-from nemolite.lora.adapter import LoRAAdapter
+from nemolite.lora.adapter import LoRAAdapter, adaptable_shapes
 from nemolite.lora.layers import LoRALinear, LoRAMapping
 from nemolite.lora.request import LoRARequest
 
@@ -34,10 +35,22 @@ def _part_rows(parent: nn.Module, fused_name: str, out_features: int) -> list[in
     return [out_features // 2, out_features // 2]
 
 
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear layer: Linear, QuantizedLinear, or a tensor-parallel RowParallelLinear."""
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    quantized = getattr(module, "quantized", None)
+    if quantized is not None:
+        return quantized.in_features, quantized.out_features
+    return module.weight.shape[1], module.weight.shape[0]
+
+
 def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
                         mapping: LoRAMapping) -> tuple[list[LoRALinear], dict[str, tuple[int, int]]]:
     """Wrap every adaptable linear layer of ``model`` (after fuse_projections) in a LoRALinear. Returns the
-    layers and the (out, in) shape of each checkpoint layer name they cover."""
+    layers and the (out, in) shape of each checkpoint layer name they cover, as this rank holds it."""
+    from nemolite.parallel.tensor import RowParallelLinear
+
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     layers: list[LoRALinear] = []
     shapes: dict[str, tuple[int, int]] = {}
@@ -50,7 +63,7 @@ def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
             for child_name, child in list(parent.named_children()):
                 if child_name not in FUSED_PARTS and child_name not in SINGLE_TARGETS:
                     continue
-                in_features, out_features = child.in_features, child.out_features
+                in_features, out_features = _features(child)
                 if child_name in FUSED_PARTS:
                     names = FUSED_PARTS[child_name]
                     rows = _part_rows(parent, child_name, out_features)
@@ -61,8 +74,11 @@ def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
                     parts.append((f"{prefix}.{name}", first, count))
                     shapes[f"{prefix}.{name}"] = (count, in_features)
                     first += count
-                layer = LoRALinear(child, parts, in_features, out_features, num_slots, max_rank, mapping,
-                                   dtype, device)
+                row_parallel = isinstance(child, RowParallelLinear)
+                input_slice = (child.tp_rank * in_features, in_features) if row_parallel and child.split_input \
+                    else None
+                layer = LoRALinear(child, parts, in_features, out_features, num_slots, max_rank, mapping, dtype,
+                                   device, child.group if row_parallel else None, input_slice)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
     return layers, shapes
@@ -72,16 +88,15 @@ class LoRAManager:
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None):
         if max_loras < 1 or max_lora_rank < 1:
             raise NemoliteError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_lora_rank}")
-        if model.parallel.distributed:
-            raise NemoliteError("LoRA adapters do not run under tensor or pipeline parallelism yet; "
-                                "serve the base model on one process with --enable-lora")
         if model.config.is_reward_model:
             raise NemoliteError("LoRA adapters are served on language models, not on a reward model")
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.device = next(model.parameters()).device
         self.mapping = LoRAMapping()
-        self.layers, self.shapes = install_lora_layers(model, max_loras, max_lora_rank, self.mapping)
+        self.layers, _ = install_lora_layers(model, max_loras, max_lora_rank, self.mapping)
+        self.config, self.parallel = model.config, model.parallel
+        self.shapes = adaptable_shapes(model.config)  # the whole model's: adapters are checked against these
         self.requests: dict[int, LoRARequest] = {}  # registered adapters by id
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # read adapters, least recently used first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> device slot, least recently used first
@@ -120,12 +135,28 @@ class LoRAManager:
 
         adapter = read_adapter(request.lora_path, request.lora_name, self.shapes)
         adapter.check(self.shapes, self.max_lora_rank)
-        dtype = self.layers[0].lora_a.dtype
-        for w in adapter.weights.values():
+        dtype = self.layers[0].lora_a.dtype if self.layers else torch.float32
+        for name, w in adapter.weights.items():
+            w.lora_a, w.lora_b = self._shard(name, w.lora_a, w.lora_b)
             w.lora_a, w.lora_b = w.lora_a.to(dtype), w.lora_b.to(dtype)
         log.info("LoRA adapter %s: rank %d over %d layers, %.1f MB, from %s", request.lora_name, adapter.rank,
                  len(adapter.weights), adapter.num_bytes / 1e6, request.lora_path)
         return adapter
+
+    def _shard(self, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tensor-parallel rank's part: B's rows of a column-parallel layer (as its weight's rows, KV heads
+        replicated alike), A's columns of a row-parallel one."""
+        if not self.parallel.distributed:
+            return lora_a, lora_b
+        from nemolite.parallel.tensor import shard_slice
+
+        part = shard_slice(name + ".weight", (lora_b.shape[0], lora_a.shape[1]), self.config, self.parallel)
+        if part is None:
+            return lora_a, lora_b
+        dim, start, length = part
+        if dim == 0:
+            return lora_a, lora_b.narrow(0, start, length).contiguous()
+        return lora_a.narrow(1, start, length).contiguous(), lora_b
 
     def _host_adapter(self, lora_id: int) -> LoRAAdapter:
         adapter = self.host.get(lora_id)
@@ -169,6 +200,17 @@ class LoRAManager:
         slots = self.activate(set(token_lora_ids) - {0})
         slots[0] = 0
         self.mapping.set_tokens([slots[i] for i in token_lora_ids], self.device)
+
+    @contextlib.contextmanager
+    def step(self, token_lora_ids: list[int] | None):
+        """The adapters of one eager forward pass (None: none), cleared after it. Every rank of a parallel job
+        runs the same steps in the same order, so their slots agree."""
+        if token_lora_ids is not None:
+            self.set_token_slots(token_lora_ids)
+        try:
+            yield
+        finally:
+            self.mapping.clear()
 
     def static_slots(self, seq_lora_ids: list[int], padded: int) -> torch.Tensor:
         """Compiled decode step: [padded] slot of each row (padding rows: slot 0)."""

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nemolite.engine.runner import ModelRunner, StepInputs, StepLogits
+from nemolite.engine.runner import ModelRunner, StepInputs, StepLogits, lora_step
 from nemolite.engine.scheduler import ScheduledBatch
 from nemolite.parallel.groups import ParallelState
 
@@ -46,8 +46,8 @@ class ParallelRunner(ModelRunner):
     """The runner of every rank of a tensor/pipeline-parallel job: ``execute`` on the driver,
     ``follow`` on the others."""
 
-    def __init__(self, model, cache, device: torch.device, state: ParallelState):
-        super().__init__(model, cache, device, compile=False)
+    def __init__(self, model, cache, device: torch.device, state: ParallelState, lora=None):
+        super().__init__(model, cache, device, compile=False, lora=lora)
         self.state = state
         self.dtype = next(p for n, p in model.named_parameters() if not n.startswith("score.")).dtype
         self.output_width = (len(model.config.reward_attributes) if model.config.is_reward_model
@@ -69,7 +69,7 @@ class ParallelRunner(ModelRunner):
         self._command(("step", [m.to(torch.device("cpu")) for m in micro_batches], self.pending_zero))
         self.pending_zero = []
         outputs = self._collective(run_pipeline, self.model, self.cache, self.state, micro_batches, self.dtype,
-                                   self.output_width)
+                                   self.output_width, self.lora)
         samplers, sample_rows, prompt_rows, prompt_ranges = [], [], [], []
         for (_, seqs, ranges), logits in zip(prepared, outputs):
             samplers += seqs
@@ -77,6 +77,13 @@ class ParallelRunner(ModelRunner):
             prompt_rows.append(logits[0, len(seqs):])
             prompt_ranges += ranges
         return StepLogits(torch.cat(sample_rows), samplers, torch.cat(prompt_rows), prompt_ranges)
+
+    def add_lora(self, request) -> None:
+        """Every worker registers (and reads) the adapter the driver has just read and checked."""
+        self._command(("lora_add", request))
+
+    def remove_lora(self, lora_id: int) -> None:
+        self._command(("lora_remove", lora_id))
 
     def keep_alive(self) -> None:
         """Called while the driver idles: a heartbeat keeps the workers' wait inside the timeout."""
@@ -109,7 +116,11 @@ class ParallelRunner(ModelRunner):
                 if zero:
                     self.cache.zero_blocks(zero)
                 self._collective(run_pipeline, self.model, self.cache, self.state,
-                                 [m.to(self.device) for m in micro_batches], self.dtype, self.output_width)
+                                 [m.to(self.device) for m in micro_batches], self.dtype, self.output_width, self.lora)
+            elif command[0] == "lora_add":  # the driver read it: a failure here is this rank's (its filesystem)
+                self._collective(self.lora.add, command[1])
+            elif command[0] == "lora_remove":
+                self.lora.remove(command[1])
 
     def _collective(self, function, *args, **kwargs):
         try:
@@ -122,7 +133,7 @@ class ParallelRunner(ModelRunner):
 
 
 def run_pipeline(model, cache, state: ParallelState, micro_batches: list[StepInputs], dtype: torch.dtype,
-                 output_width: int) -> list[torch.Tensor] | None:
+                 output_width: int, lora=None) -> list[torch.Tensor] | None:
     """This rank's part of one step; the driver gets fp32 logits [1, K, output_width] per micro-batch."""
     previous = state.global_rank(state.pp_rank - 1, state.tp_rank)
     following = state.global_rank(state.pp_rank + 1, state.tp_rank)
@@ -135,8 +146,9 @@ def run_pipeline(model, cache, state: ParallelState, micro_batches: list[StepInp
             dist.recv(hidden, src=previous)
         cache.metadata = inputs.metadata
         try:
-            out = model(inputs.token_ids, inputs.positions, cache=cache, logits_indices=inputs.logits_indices,
-                        hidden_states=hidden)
+            with lora_step(lora, inputs):
+                out = model(inputs.token_ids, inputs.positions, cache=cache, logits_indices=inputs.logits_indices,
+                            hidden_states=hidden)
         finally:
             cache.metadata = None
         if state.is_last_stage:
