@@ -7,10 +7,12 @@ from pathlib import Path
 from nemolite.errors import NemoliteError
 from nemolite.lora.adapter import LoRAAdapter
 from nemolite.lora.nemo import is_nemo_adapter, read_nemo_adapter
+from nemolite.lora.nemo2 import is_nemo2_adapter, read_nemo2_adapter
 from nemolite.lora.peft import is_peft_adapter, read_peft_adapter
 
 FORMATS = ("a PEFT directory with adapter_config.json, or a NeMo LoRA .nemo file (or a directory with its "
-           "model_config.yaml, or holding one .nemo)")
+           "model_config.yaml, or holding one .nemo), or a NeMo 2 PEFT checkpoint directory (weights/ and "
+           "context/)")
 
 
 def read_adapter(path: str, name: str, shapes: dict[str, tuple[int, int]]) -> LoRAAdapter:
@@ -20,6 +22,8 @@ def read_adapter(path: str, name: str, shapes: dict[str, tuple[int, int]]) -> Lo
         raise NemoliteError(f"LoRA adapter {name!r}: {path!r} does not exist; give {FORMATS}")
     if is_peft_adapter(location):
         return read_peft_adapter(location, name, list(shapes))
+    if is_nemo2_adapter(location):  # before NeMo 1: a NeMo 2 directory never holds model_config.yaml
+        return read_nemo2_adapter(location, name, shapes)
     if is_nemo_adapter(location):
         return read_nemo_adapter(location, name, shapes)
     raise NemoliteError(f"LoRA adapter {name!r}: {path} is not an adapter nemolite reads ({FORMATS})")
