@@ -8,11 +8,13 @@ fused layer runs one low-rank product for all its parts. Slot 0 means no adapter
 Which slot each token uses is the step's ``LoRAMapping``, shared by all the layers of a model:
 - eager steps group the tokens by slot and run each group's two small GEMMs on its rows only
   (no per-token copy of any weight; a step without adapters costs nothing);
-- the compiled decode step has static shapes: one opaque op a layer (``nemolite::lora_delta``) multiplies
-  every row by every slot's A at once (A of all slots side by side, [S·W, in]), zeroes the columns of the
-  slots a row does not use, and multiplies by every slot's B side by side ([out, S·W]): two GEMMs and no
-  gather. The op reads the layer's slots when it runs, so a graph never captures adapter weights as
-  constants, and on the CPU both matrices are kept prepacked for oneDNN (repacked when a slot changes).
+- the compiled decode step has static shapes: one opaque op a layer (``nemolite::lora_delta``), which reads
+  the layer's slots when it runs (a graph never captures adapter weights as constants). On x86 CPUs it runs
+  the extension's ``lora_bgmv``: each row times its own slot's A, then its own B part by part, reading B
+  transposed ([S, W, out], kept beside B). Elsewhere every row is multiplied by every slot's A at once, the
+  columns of the slots it does not use zeroed, and by every slot's B side by side: two GEMMs, S x the work.
+  On the 204 M bench model at batch 16 with 4 adapters, the 48 layers' LoRA took 6.3 ms a step as batched
+  matmuls and a gather, 2.7-3.2 ms as the masked GEMMs prepacked for oneDNN.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ class LoRALinear(nn.Module):
         # Plain attributes, not buffers: a compiled graph with frozen parameters must not capture them.
         self.lora_a = torch.zeros(num_slots, self.width, in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(num_slots, out_features, self.width, dtype=dtype, device=device)
-        self._side_by_side: tuple | None = None  # (A [S·W, in], B [out, S·W], prepacked?) for lora_delta
+        self.lora_bt = torch.zeros(num_slots, self.width, out_features, dtype=dtype, device=device)  # lora_bgmv's
+        self.part_bounds = [0, *(first + rows for _, first, rows in parts)]
+        self._side_by_side: tuple | None = None  # (A [S·W, in], B [out, S·W]) for the masked form
         self.site = next(_NEXT_SITE)
         _SITES[self.site] = weakref.ref(self)
 
@@ -97,27 +101,21 @@ class LoRALinear(nn.Module):
             column = index * self.max_rank
             lora_a[column:column + w.rank] = w.lora_a
             lora_b[first_row:first_row + rows, column:column + w.rank] = w.lora_b
+        self.lora_bt[slot - 1] = lora_b.t()
         self._side_by_side = None
 
-    def side_by_side(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Every slot's A stacked [S·W, in] and B side by side [out, S·W], prepacked for oneDNN when it can."""
+    def side_by_side(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's A stacked [S·W, in] and B side by side [out, S·W]."""
         if self._side_by_side is None:
-            lora_a = self.lora_a.reshape(-1, self.lora_a.shape[-1])
-            lora_b = self.lora_b.permute(1, 0, 2).reshape(self.out_features, -1).contiguous()
-            packed_a, packed_b = cpu_kernels.pack_weight(lora_a), cpu_kernels.pack_weight(lora_b)
-            if packed_a is not None and packed_b is not None:
-                self._side_by_side = (packed_a, packed_b, True)
-            else:
-                self._side_by_side = (lora_a, lora_b, False)
+            self._side_by_side = (self.lora_a.reshape(-1, self.lora_a.shape[-1]),
+                                  self.lora_b.permute(1, 0, 2).reshape(self.out_features, -1).contiguous())
         return self._side_by_side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         mapping = self.mapping
-        if mapping.token_slots is not None:  # in the compiled graph, which fuses the mask into one small kernel
-            slots = torch.arange(1, self.num_slots + 1, device=x.device)
-            mask = (mapping.token_slots[:, None] == slots).repeat_interleave(self.width, dim=1).to(x.dtype)
-            delta = torch.ops.nemolite.lora_delta(x.reshape(-1, x.shape[-1]), mask, self.site)
+        if mapping.token_slots is not None:
+            delta = torch.ops.nemolite.lora_delta(x.reshape(-1, x.shape[-1]), mapping.token_slots, self.site)
             return y + delta.view_as(y)
         if mapping.groups is None:
             return y
@@ -138,15 +136,18 @@ class LoRALinear(nn.Module):
 
 
 @torch.library.custom_op("nemolite::lora_delta", mutates_args=())
-def lora_delta(x: torch.Tensor, mask: torch.Tensor, site: int) -> torch.Tensor:
-    """x [N, in], mask [N, S·W] (1 on the columns of each row's slot) -> [N, out]: each row times its slot's
-    A, then its B, for the LoRALinear numbered ``site``."""
-    lora_a, lora_b, packed = _SITES[site]().side_by_side()
-    if packed:
-        return cpu_kernels.packed_linear(cpu_kernels.packed_linear(x, lora_a, None) * mask, lora_b, None)
+def lora_delta(x: torch.Tensor, token_slots: torch.Tensor, site: int) -> torch.Tensor:
+    """x [N, in], token_slots [N] (0: no adapter, else 1..S) -> [N, out]: each row times its slot's A, then its
+    B, for the LoRALinear numbered ``site``."""
+    layer = _SITES[site]()
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.has("lora_bgmv"):
+        return torch.ops.nemolite.lora_bgmv(x, token_slots, layer.lora_a, layer.lora_bt, layer.part_bounds)
+    lora_a, lora_b = layer.side_by_side()
+    slots = torch.arange(1, layer.num_slots + 1, device=x.device)
+    mask = (token_slots[:, None] == slots).repeat_interleave(layer.width, dim=1).to(x.dtype)  # [N, S·W]
     return F.linear(F.linear(x, lora_a) * mask, lora_b)
 
 
 @lora_delta.register_fake
-def _(x, mask, site):
+def _(x, token_slots, site):
     return x.new_empty(x.shape[0], _SITES[site]().out_features)

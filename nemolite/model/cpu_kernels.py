@@ -33,7 +33,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("cpu_kernels.cpp", "quant_kernels.cpp")  # bf16 GEMV, decode attention, sampler; quantized linears
+SOURCES = ("cpu_kernels.cpp", "quant_kernels.cpp", "lora_kernels.cpp")  # bf16 GEMV, attention, sampler; quantized
+# linears; LoRA rows of many adapters
 
 _loaded: bool | None = None  # None: not tried yet
 _load_lock = threading.Lock()
@@ -69,7 +70,7 @@ def _build() -> bool:
 
         log.info("loading the CPU kernels (the first time builds them with the C++ compiler, ~1 min)")
         cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]  # a cache shared across CPUs stays right
-        load_extension(f"nemolite_cpu_kernels_v39_{cpu}", [str(CSRC / name) for name in SOURCES],
+        load_extension(f"nemolite_cpu_kernels_v40_{cpu}", [str(CSRC / name) for name in SOURCES],
                        is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: gathered attention and oneDNN
@@ -94,6 +95,9 @@ def _build() -> bool:
     if hasattr(torch.ops.nemolite, "linear_int4_rows8"):
         torch.library.register_fake("nemolite::linear_int4_rows8")(
             lambda x, qweight, scales, mins, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
+    if hasattr(torch.ops.nemolite, "lora_bgmv"):
+        torch.library.register_fake("nemolite::lora_bgmv")(
+            lambda x, slots, lora_a, lora_bt, parts: x.new_empty(x.shape[0], lora_bt.shape[2]))
     if hasattr(torch.ops.nemolite, "linear_int8_rows8"):
         torch.library.register_fake("nemolite::linear_int8_rows8")(
             lambda x, qweight, scales, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
