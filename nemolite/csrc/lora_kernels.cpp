@@ -7,6 +7,7 @@
 
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -22,55 +23,81 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// sum_k a[k] b[k] in fp32, two accumulators, any n.
-template <typename T>
-inline float dot(const T* a, const T* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    s0 = _mm256_fmadd_ps(load8(a + k), load8(b + k), s0);
-    s1 = _mm256_fmadd_ps(load8(a + k + 8), load8(b + k + 8), s1);
-  }
-  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(load8(a + k), load8(b + k), s0);
-  float sum = hsum(_mm256_add_ps(s0, s1));
-  for (; k < n; ++k) sum += static_cast<float>(a[k]) * static_cast<float>(b[k]);
-  return sum;
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {  // rounded to nearest even, as a bf16 cast does
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
-// y[0:n] += u * b[0:n] (b in T, y fp32)
-template <typename T>
-inline void axpy(float u, const T* b, float* y, int64_t n) {
-  const __m256 scale = _mm256_set1_ps(u);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, load8(b + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += u * static_cast<float>(b[i]);
-}
+constexpr int TILE = 4;  // rows of one slot sharing each load of A and of B
 
 // x [N, K], slots [N] (0: none, else 1..S), A [S, W, K], BT [S, W, M] (B transposed), parts: the P + 1 row
 // boundaries of the fused layer's parts; part p's rows take A's and BT's rows [p R, p R + R), R = W / P.
+// Rows are grouped by slot and taken TILE at a time: each A row and each 8 columns of a BT row loaded once
+// for the tile. Every row's sums run in the same order whatever else is in the batch.
 template <typename T>
 void bgmv(const T* X, const int64_t* slots, const T* A, const T* BT, const std::vector<int64_t>& parts,
           int64_t N, int64_t K, int64_t S, int64_t W, int64_t M, T* Y) {
   const int64_t P = static_cast<int64_t>(parts.size()) - 1, R = W / P;
+  std::vector<std::vector<int64_t>> tiles;  // rows of one slot, at most TILE
+  for (int64_t s = 1; s <= S; ++s) {
+    std::vector<int64_t> rows;
+    for (int64_t n = 0; n < N; ++n)
+      if (slots[n] == s) rows.push_back(n);
+    for (size_t i = 0; i < rows.size(); i += TILE)
+      tiles.emplace_back(rows.begin() + i, rows.begin() + std::min(rows.size(), i + TILE));
+  }
   std::vector<float> shrunk(N * W, 0.f);
-  at::parallel_for(0, N * W, 8, [&](int64_t begin, int64_t end) {
+  const int64_t T_ = static_cast<int64_t>(tiles.size());
+  at::parallel_for(0, T_ * W, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / W, w = i % W, s = slots[n];
-      if (s > 0) shrunk[i] = dot(A + ((s - 1) * W + w) * K, X + n * K, K);
+      const std::vector<int64_t>& rows = tiles[i / W];
+      const int64_t w = i % W, count = static_cast<int64_t>(rows.size());
+      const T* a = A + ((slots[rows[0]] - 1) * W + w) * K;
+      __m256 acc[TILE];
+      for (int j = 0; j < TILE; ++j) acc[j] = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
+        const __m256 av = load8(a + k);
+        for (int64_t j = 0; j < count; ++j) acc[j] = _mm256_fmadd_ps(av, load8(X + rows[j] * K + k), acc[j]);
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        float sum = hsum(acc[j]);
+        for (int64_t kk = k; kk < K; ++kk) sum += static_cast<float>(a[kk]) * static_cast<float>(X[rows[j] * K + kk]);
+        shrunk[rows[j] * W + w] = sum;
+      }
     }
   });
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(M);
-    for (int64_t n = begin; n < end; ++n) {
-      std::fill(row.begin(), row.end(), 0.f);
-      const int64_t s = slots[n];
-      if (s > 0) {
-        for (int64_t p = 0; p < P; ++p)
-          for (int64_t w = p * R; w < p * R + R; ++w)
-            axpy(shrunk[n * W + w], BT + ((s - 1) * W + w) * M + parts[p], row.data() + parts[p],
-                 parts[p + 1] - parts[p]);
+  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = 0; n < N; ++n)
+      if (slots[n] == 0) std::fill(Y + n * M + begin, Y + n * M + end, static_cast<T>(0.f));
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t lo = std::max(begin, parts[p]), hi = std::min(end, parts[p + 1]);
+      for (const std::vector<int64_t>& rows : tiles) {
+        const int64_t count = static_cast<int64_t>(rows.size());
+        const T* bt = BT + (slots[rows[0]] - 1) * W * M;
+        int64_t o = lo;
+        for (; o + 8 <= hi; o += 8) {
+          __m256 acc[TILE];
+          for (int j = 0; j < TILE; ++j) acc[j] = _mm256_setzero_ps();
+          for (int64_t w = p * R; w < p * R + R; ++w) {
+            const __m256 b = load8(bt + w * M + o);
+            for (int64_t j = 0; j < count; ++j)
+              acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(shrunk[rows[j] * W + w]), b, acc[j]);
+          }
+          for (int64_t j = 0; j < count; ++j) store8(Y + rows[j] * M + o, acc[j]);
+        }
+        for (; o < hi; ++o)
+          for (int64_t j = 0; j < count; ++j) {
+            float sum = 0.f;
+            for (int64_t w = p * R; w < p * R + R; ++w)
+              sum += shrunk[rows[j] * W + w] * static_cast<float>(bt[w * M + o]);
+            Y[rows[j] * M + o] = static_cast<T>(sum);
+          }
       }
-      for (int64_t m = 0; m < M; ++m) Y[n * M + m] = static_cast<T>(row[m]);
     }
   });
 }
