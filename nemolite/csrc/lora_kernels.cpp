@@ -8,6 +8,7 @@
 #if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -16,6 +17,13 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {  // a bf16 is the top half of an fp32
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#endif
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -50,24 +58,45 @@ void bgmv(const T* X, const int64_t* slots, const T* A, const T* BT, const std::
     for (size_t i = 0; i < rows.size(); i += TILE)
       tiles.emplace_back(rows.begin() + i, rows.begin() + std::min(rows.size(), i + TILE));
   }
-  std::vector<float> shrunk(N * W, 0.f);
+  std::vector<float> shrunk(N * W, 0.f), widened;
+  const float* xf = reinterpret_cast<const float*>(X);
+  if constexpr (!std::is_same_v<T, float>) {
+    widened.resize(N * K);
+    for (int64_t i = 0; i < N * K; ++i) widened[i] = static_cast<float>(X[i]);
+    xf = widened.data();
+  }
   const int64_t T_ = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, T_ * W, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const std::vector<int64_t>& rows = tiles[i / W];
       const int64_t w = i % W, count = static_cast<int64_t>(rows.size());
       const T* a = A + ((slots[rows[0]] - 1) * W + w) * K;
-      __m256 acc[TILE];
-      for (int j = 0; j < TILE; ++j) acc[j] = _mm256_setzero_ps();
+      float sums[TILE] = {};
       int64_t k = 0;
-      for (; k + 8 <= K; k += 8) {
-        const __m256 av = load8(a + k);
-        for (int64_t j = 0; j < count; ++j) acc[j] = _mm256_fmadd_ps(av, load8(X + rows[j] * K + k), acc[j]);
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {  // vdpbf16ps: 32 products an instruction, no widening
+        __m512 acc[TILE];
+        for (int j = 0; j < TILE; ++j) acc[j] = _mm512_setzero_ps();
+        for (; k + 32 <= K; k += 32) {
+          const __m512bh av = (__m512bh)_mm512_loadu_si512(a + k);
+          for (int64_t j = 0; j < count; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], av, (__m512bh)_mm512_loadu_si512(X + rows[j] * K + k));
+        }
+        for (int64_t j = 0; j < count; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
+      }
+#endif
+      if (k == 0) {  // fp32, or bf16 without AVX512-BF16: x widened once (xf), A 8 values at a time
+        __m256 acc[TILE];
+        for (int j = 0; j < TILE; ++j) acc[j] = _mm256_setzero_ps();
+        for (; k + 8 <= K; k += 8) {
+          const __m256 av = load8(a + k);
+          for (int64_t j = 0; j < count; ++j) acc[j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(xf + rows[j] * K + k), acc[j]);
+        }
+        for (int64_t j = 0; j < count; ++j) sums[j] = hsum(acc[j]);
       }
       for (int64_t j = 0; j < count; ++j) {
-        float sum = hsum(acc[j]);
-        for (int64_t kk = k; kk < K; ++kk) sum += static_cast<float>(a[kk]) * static_cast<float>(X[rows[j] * K + kk]);
-        shrunk[rows[j] * W + w] = sum;
+        for (int64_t kk = k; kk < K; ++kk) sums[j] += static_cast<float>(a[kk]) * xf[rows[j] * K + kk];
+        shrunk[rows[j] * W + w] = sums[j];
       }
     }
   });
@@ -80,6 +109,21 @@ void bgmv(const T* X, const int64_t* slots, const T* A, const T* BT, const std::
         const int64_t count = static_cast<int64_t>(rows.size());
         const T* bt = BT + (slots[rows[0]] - 1) * W * M;
         int64_t o = lo;
+#ifdef __AVX512F__
+        for (; o + 16 <= hi; o += 16) {  // 16 outputs a vector
+          __m512 acc[TILE];
+          for (int j = 0; j < TILE; ++j) acc[j] = _mm512_setzero_ps();
+          for (int64_t w = p * R; w < p * R + R; ++w) {
+            const __m512 b = load16(bt + w * M + o);
+            for (int64_t j = 0; j < count; ++j)
+              acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(shrunk[rows[j] * W + w]), b, acc[j]);
+          }
+          for (int64_t j = 0; j < count; ++j) {
+            store8(Y + rows[j] * M + o, _mm512_castps512_ps256(acc[j]));
+            store8(Y + rows[j] * M + o + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+          }
+        }
+#endif
         for (; o + 8 <= hi; o += 8) {
           __m256 acc[TILE];
           for (int j = 0; j < TILE; ++j) acc[j] = _mm256_setzero_ps();
