@@ -82,6 +82,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                           help="split the layers into this many consecutive stages")
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """DST and how an HF directory is written (convert, merge-lora)."""
+    parser.add_argument("destination", metavar="DST")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="cast the weights (default: keep the checkpoint's)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+
+
 def engine_options(args) -> dict:
     return {"kv_cache_gb": args.kv_cache_gb, "kv_cache_fraction": args.kv_cache_fraction,
             "kv_cache_dtype": args.kv_cache_dtype,
@@ -181,11 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(what vLLM, transformers and nemolite load). A NeMo LoRA adapter "
                                               "(.nemo with peft.lora_tuning) is written as a PEFT directory.")
     convert.add_argument("source", metavar="SRC")
-    convert.add_argument("destination", metavar="DST")
-    convert.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                         help="cast the weights (default: keep the checkpoint's)")
-    convert.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    _add_output_options(convert)
     convert.add_argument("--quantization", type=quantization_arg, default=None, metavar="METHOD",
                          help=QUANTIZATION_HELP.replace("none (default): the checkpoint's weights as they are",
                                                         "none (default): float weights"))
@@ -196,11 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(alpha / r, or alpha / adapter_dim for NeMo).")
     merge.add_argument("base", metavar="BASE")
     merge.add_argument("adapter", metavar="ADAPTER")
-    merge.add_argument("destination", metavar="DST")
-    merge.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                       help="cast the weights (default: keep the base checkpoint's)")
-    merge.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 5GB, 500MB")
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    _add_output_options(merge)
 
     plan = commands.add_parser("plan", help="how a model splits over GPUs, from its config alone",
                                description="For each tensor x pipeline layout of --gpus GPUs: weights and KV "

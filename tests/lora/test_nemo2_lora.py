@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,8 @@ import torch
 from nemolite import LLM, LoRARequest, NemoliteError
 from nemolite.lora.formats import read_adapter
 from nemolite.lora.nemo2 import is_nemo2_adapter, read_nemo2_adapter
-from tests.conftest import DEVICE, write_sentencepiece
+from tests.conftest import DEVICE
+from tests.lora.conftest import run_nemo_writer
 from tests.lora.test_nemo_lora import nemo_logprobs, nemolite_logprobs
 
 WRITER = Path(__file__).with_name("nemo2_lora_writer.py")
@@ -35,16 +34,7 @@ def written(tmp_path_factory) -> Path:
     site, extra = os.environ.get("NEMOLITE_TEST_NEMO241_PATH"), os.environ.get("NEMOLITE_TEST_NEMO2PEFT_PATH")
     if not site or not extra:
         pytest.skip("NEMOLITE_TEST_NEMO241_PATH and NEMOLITE_TEST_NEMO2PEFT_PATH are not set (.ci/run sets them)")
-    out = tmp_path_factory.mktemp("nemo2_lora")
-    write_sentencepiece(out)
-    torch.save(torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(7)), out / "input_ids.pt")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, extra, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-W", "ignore", str(WRITER), str(out), str(out / "tokenizer.model")],
-                            env=env, capture_output=True, text=True, timeout=900, cwd=out)
-    if result.returncode == 77:
-        pytest.skip(f"NeMo 2.4.1 is not importable: {result.stdout.strip()[-300:]}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+    return run_nemo_writer(WRITER, tmp_path_factory.mktemp("nemo2_lora"), [site, extra])
 
 
 @pytest.fixture(scope="module")

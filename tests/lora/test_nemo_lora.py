@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -22,7 +20,8 @@ import yaml
 from nemolite import LLM, LoRARequest, NemoliteError, SamplingParams
 from nemolite.lora.formats import read_adapter
 from nemolite.lora.nemo import is_nemo_adapter, read_nemo_adapter
-from tests.conftest import DEVICE, write_sentencepiece
+from tests.conftest import DEVICE
+from tests.lora.conftest import run_nemo_writer
 
 WRITER = Path(__file__).with_name("nemo_lora_writer.py")
 # adapter -> its base model, as nemo_lora_writer.ADAPTERS writes them
@@ -35,16 +34,7 @@ def written(tmp_path_factory) -> Path:
     site = os.environ.get("NEMOLITE_TEST_NEMO241_PATH")
     if not site:
         pytest.skip("NEMOLITE_TEST_NEMO241_PATH is not set (.ci/run sets it)")
-    out = tmp_path_factory.mktemp("nemo_lora")
-    write_sentencepiece(out)
-    torch.save(torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(7)), out / "input_ids.pt")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-W", "ignore", str(WRITER), str(out), str(out / "tokenizer.model")],
-                            env=env, capture_output=True, text=True, timeout=900, cwd=out)
-    if result.returncode == 77:
-        pytest.skip(f"NeMo 2.4.1 is not importable: {result.stdout.strip()[-300:]}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+    return run_nemo_writer(WRITER, tmp_path_factory.mktemp("nemo_lora"), [site])
 
 
 @pytest.fixture(scope="module")
