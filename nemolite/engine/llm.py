@@ -46,7 +46,7 @@ class LLM:
                           for p, lora in zip(prompts, loras)], use_tqdm)
 
     def reward(self, conversations: list[dict] | list[list[dict]], weights=None,
-               use_tqdm: bool = True) -> list[dict]:
+               use_tqdm: bool = True, lora_request=None) -> list[dict]:
         """Score one conversation or several with a reward model: the last message of each is the assistant
         response scored. Returns ``{"attributes": {name: value}, "score": weighted score}`` per conversation
         (weights: a list in head order or ``{attribute: weight}``; default HelpSteer2's)."""
@@ -56,8 +56,9 @@ class LLM:
         names = self.config.reward_attributes
         weights = resolve_weights(weights, names)
         params = SamplingParams(reward=True)
-        outputs = self._run([(None, reward_token_ids(self.tokenizer, conversation), params, None)
-                             for conversation in conversations], use_tqdm)
+        loras = self._loras_per_prompt(lora_request, len(conversations))
+        outputs = self._run([(None, reward_token_ids(self.tokenizer, conversation), params, lora)
+                             for conversation, lora in zip(conversations, loras)], use_tqdm)
         return [reward_result(output.reward, names, weights) for output in outputs]
 
     def chat_params(self, sampling_params: SamplingParams | None) -> SamplingParams:

@@ -88,8 +88,6 @@ class LoRAManager:
     def __init__(self, model: nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int | None):
         if max_loras < 1 or max_lora_rank < 1:
             raise NemoliteError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_lora_rank}")
-        if model.config.is_reward_model:
-            raise NemoliteError("LoRA adapters are served on language models, not on a reward model")
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.device = next(model.parameters()).device

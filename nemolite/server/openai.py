@@ -400,7 +400,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
     lora = state.resolve_model(body.model)
     if state.config.is_reward_model:
-        return await reward.chat_completion(state, body, request)
+        return await reward.chat_completion(state, body, request, lora)
     state.check_sequences(body.n)
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
     prompt = await state.chat_prompt(messages, body.add_generation_prompt)

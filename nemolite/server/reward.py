@@ -41,25 +41,27 @@ def _require_reward_model(state: ServerState) -> None:
                            "serve a reward model to score responses")
 
 
-async def score(state: ServerState, request: Request, token_ids: list[list[int]]) -> list[RequestOutput] | Response:
+async def score(state: ServerState, request: Request, token_ids: list[list[int]],
+                lora=None) -> list[RequestOutput] | Response:
     """Each prompt's engine output with its reward (or the response for a client that went away); every
-    prompt is checked before any runs, so a bad one fails the request whole."""
+    prompt is checked before any runs, so a bad one fails the request whole. ``lora``: an adapter to score with."""
     state.check_sequences(len(token_ids))
     params = SamplingParams(reward=True)
-    return await state.collect(request, [Job(ids, params) for ids in token_ids])
+    return await state.collect(request, [Job(ids, params, None, lora) for ids in token_ids])
 
 
-async def _score_conversations(state: ServerState, request: Request, conversations: list[list[ChatMessage]]):
+async def _score_conversations(state: ServerState, request: Request, conversations: list[list[ChatMessage]],
+                               lora=None):
     state.check_sequences(len(conversations))
     token_ids = [engine_call(reward_token_ids, state.tokenizer, [m.model_dump(exclude_none=True) for m in messages])
                  for messages in conversations]
-    return await score(state, request, token_ids)
+    return await score(state, request, token_ids, lora)
 
 
 @router.post("/v1/reward")
 async def reward(body: RewardRequest, request: Request):
     state = state_of(request)
-    state.check_model(body.model)
+    lora = state.resolve_model(body.model)
     _require_reward_model(state)
     if (body.messages is None) == (body.conversations is None):
         raise RequestError("give 'messages' (one conversation ending with the assistant response to score) or "
@@ -68,22 +70,22 @@ async def reward(body: RewardRequest, request: Request):
     names = state.config.reward_attributes
     weights = engine_call(resolve_weights, body.attribute_weights if body.attribute_weights is not None
                           else state.reward_weights, names)
-    outputs = await _score_conversations(state, request, conversations)
+    outputs = await _score_conversations(state, request, conversations, lora)
     if not isinstance(outputs, list):
         return outputs
-    return {"object": "reward", "model": state.model_name,
+    return {"object": "reward", "model": state.model_name if lora is None else lora.lora_name,
             "data": [{"index": i, **reward_result(o.reward, names, weights)} for i, o in enumerate(outputs)],
             "usage": {"prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs)}}
 
 
-async def chat_completion(state: ServerState, body, request: Request):
+async def chat_completion(state: ServerState, body, request: Request, lora=None):
     """A chat completion on a reward model scores the conversation's last assistant message: the attributes
     come back as ``choices[0].logprobs.content[i].token`` / ``.logprob`` and as ``"name:value,..."`` text."""
     if body.stream:
         raise RequestError("a reward model answers with one whole response; send stream: false")
     if body.n != 1:
         raise RequestError("a reward model scores a conversation once; send n: 1")
-    outputs = await _score_conversations(state, request, [body.messages])
+    outputs = await _score_conversations(state, request, [body.messages], lora)
     if not isinstance(outputs, list):
         return outputs
     output = outputs[0]
@@ -93,7 +95,7 @@ async def chat_completion(state: ServerState, body, request: Request):
                for name in shown]
     prompt_tokens = len(output.prompt_token_ids)
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": state.model_name,
+            "model": state.model_name if lora is None else lora.lora_name,
             "choices": [{"index": 0, "finish_reason": "length", "logprobs": {"content": content},
                          "message": {"role": "assistant",
                                      "content": ",".join(f"{name}:{values[name]:.2f}" for name in shown)}}],

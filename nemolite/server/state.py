@@ -89,12 +89,9 @@ class ServerState:
         self.allow_runtime_lora = allow_runtime_lora
         self._lora_ids = itertools.count(1)
 
-    def check_model(self, model: str | None) -> None:
-        """An OpenAI-shaped request's ``model`` must be the served one (or left out), or one of its adapters."""
-        self.resolve_model(model)
-
     def resolve_model(self, model: str | None) -> LoRARequest | None:
-        """The adapter a request's model name picks: None for the base model (named or left out)."""
+        """The adapter a request's model name picks: None for the base model (named or left out); any other
+        name is a 404 that lists the served ones."""
         if model is None or model in (self.model_name, ""):
             return None
         lora = self.loras.get(model) if isinstance(model, str) else None

@@ -129,3 +129,21 @@ def test_adapters_on_a_quantized_base(lora_base, peft_adapters, quantization):
     # the adapter's update survives quantization of the base: close to the float model with it, far from without
     assert max(abs(a - b) for a, b in zip(with_adapter, nemolite_logprobs(exact, ids, lora))) < 0.02
     assert max(abs(a - b) for a, b in zip(with_adapter, nemolite_logprobs(quantized, ids, None))) > 0.1
+
+
+def test_adapter_on_a_reward_model(reward_model_dir, tmp_path):
+    """A LoRA of the decoder layers scores through a reward model's head (LLM.reward takes lora_request too):
+    the same as the adapter merged into the model."""
+    from nemolite.cli import main
+
+    adapter = write_peft_adapter(reward_model_dir, tmp_path / "adapter", r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "v_proj", "down_proj"])
+    assert main(["merge-lora", str(reward_model_dir), str(adapter), str(tmp_path / "merged")]) == 0
+    conversation = [{"role": "user", "content": "the model returns"}, {"role": "assistant", "content": "a value"}]
+    served = LLM(reward_model_dir, dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=4)
+    lora = LoRARequest("a", 1, str(adapter))
+    got = served.reward([conversation], lora_request=lora, use_tqdm=False)[0]["attributes"]
+    merged = LLM(tmp_path / "merged", dtype="float32", device=DEVICE).reward([conversation], use_tqdm=False)[0]
+    base = served.reward([conversation], use_tqdm=False)[0]["attributes"]
+    assert max(abs(got[k] - merged["attributes"][k]) for k in got) <= 1e-4
+    assert max(abs(got[k] - base[k]) for k in got) > 1e-3

@@ -123,3 +123,27 @@ def test_lora_modules_spellings(tmp_path):
             lora_modules(bad, None)
     with pytest.raises(NemoliteError, match="not a directory"):
         lora_modules([], str(tmp_path / "missing"))
+
+
+def test_reward_model_scores_with_the_adapter_named(reward_model_dir, tmp_path):
+    from tests.lora.conftest import write_peft_adapter
+
+    adapter = write_peft_adapter(reward_model_dir, tmp_path / "adapter", r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "v_proj", "down_proj"])
+    conversation = [{"role": "user", "content": "the model returns"}, {"role": "assistant", "content": "a value"}]
+    offline = LLM(reward_model_dir, dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=4)
+    expected = offline.reward([conversation], lora_request=LoRARequest("a", 1, str(adapter)), use_tqdm=False)[0]
+    engine = AsyncLLM(reward_model_dir, dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=4,
+                      kv_cache_gb=0.02)
+    live, server, thread = start_server(engine, lora_modules={"a": str(adapter)})
+    try:
+        answer = requests.post(live.url + "/v1/reward", json={"model": "a", "messages": conversation}, timeout=60)
+        data = answer.json()
+        assert answer.status_code == 200 and data["model"] == "a"
+        got = data["data"][0]["attributes"]
+        assert max(abs(got[k] - expected["attributes"][k]) for k in got) <= 1e-4
+        base = requests.post(live.url + "/v1/reward", json={"messages": conversation}, timeout=60).json()
+        assert base["data"][0]["attributes"] != got
+    finally:
+        stop_server(server, thread)
+        engine.shutdown()
