@@ -15,13 +15,15 @@ FORMATS = ("a PEFT directory with adapter_config.json, or a NeMo LoRA .nemo file
            "context/)")
 
 
-def read_adapter(path: str, name: str, shapes: dict[str, tuple[int, int]]) -> LoRAAdapter:
-    """The adapter at ``path`` for a model whose adaptable layers have ``shapes`` (name -> (out, in))."""
+def read_adapter(path: str, name: str, shapes: dict[str, tuple[int, int]], max_rank: int | None = None) -> LoRAAdapter:
+    """The adapter at ``path`` for a model whose adaptable layers have ``shapes`` (name -> (out, in)). With
+    ``max_rank``, a PEFT file declaring more bytes than such an adapter can hold (fp32) is refused unread."""
     location = Path(path).expanduser() if path else None
     if location is None or not location.exists():
         raise NemoliteError(f"LoRA adapter {name!r}: {path!r} does not exist; give {FORMATS}")
     if is_peft_adapter(location):
-        return read_peft_adapter(location, name, list(shapes))
+        bound = None if max_rank is None else 4 * max_rank * sum(out + inp for out, inp in shapes.values()) + 2**20
+        return read_peft_adapter(location, name, list(shapes), bound)
     if is_nemo2_adapter(location):  # before NeMo 1: a NeMo 2 directory never holds model_config.yaml
         return read_nemo2_adapter(location, name, shapes)
     if is_nemo_adapter(location):

@@ -131,7 +131,7 @@ class LoRAManager:
     def _read(self, request: LoRARequest) -> LoRAAdapter:
         from nemolite.lora.formats import read_adapter
 
-        adapter = read_adapter(request.lora_path, request.lora_name, self.shapes)
+        adapter = read_adapter(request.lora_path, request.lora_name, self.shapes, self.max_lora_rank)
         adapter.check(self.shapes, self.max_lora_rank)
         dtype = self.layers[0].lora_a.dtype if self.layers else torch.float32
         for name, w in adapter.weights.items():

@@ -106,13 +106,21 @@ def check_targets(config: dict, name: str, layers: list[str]) -> None:
                                 f"(it has {', '.join(known)}); it was trained for another architecture")
 
 
-def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, from safetensors (preferred) or a torch.save file read without running code."""
+def _check_size(name: str, declared: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and declared > max_bytes:
+        raise NemoliteError(f"LoRA adapter {name!r} declares {declared / 1e6:.1f} MB of tensors; an adapter of this "
+                            f"model within --max-lora-rank holds at most {max_bytes / 1e6:.1f} MB (nothing was read)")
+
+
+def read_tensors(path: Path, name: str, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, from safetensors (preferred) or a torch.save file read without running code;
+    refused before anything is allocated when the file declares more than ``max_bytes``."""
     safetensors_file, bin_file = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if safetensors_file.is_file():
         from nemolite.checkpoint.hf import read_into, read_safetensors_header
 
         entries = read_safetensors_header(safetensors_file)
+        _check_size(name, sum(entry.num_bytes for entry in entries.values()), max_bytes)
         tensors = {}
         with open(safetensors_file, "rb") as handle:
             for key, entry in entries.items():
@@ -123,16 +131,19 @@ def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         from nemolite.checkpoint.torch_zip import FileWindow, LazyTensor, read_torch_checkpoint
 
         state = read_torch_checkpoint(FileWindow(bin_file))
-        return {key: value.read() for key, value in state.items() if isinstance(value, LazyTensor)}
+        lazy = {key: value for key, value in state.items() if isinstance(value, LazyTensor)}
+        _check_size(name, sum(t.storage_numel * torch.empty((), dtype=t.dtype).element_size() for t in lazy.values()),
+                    max_bytes)
+        return {key: value.read() for key, value in lazy.items()}
     raise NemoliteError(f"LoRA adapter {name!r}: {path} has no adapter_model.safetensors or adapter_model.bin")
 
 
-def read_peft_adapter(path: Path, name: str, layers: list[str]) -> LoRAAdapter:
+def read_peft_adapter(path: Path, name: str, layers: list[str], max_bytes: int | None = None) -> LoRAAdapter:
     """A PEFT directory as a LoRAAdapter for a model whose adaptable layers are ``layers``."""
     config = read_config(path, name)
     check_targets(config, name, layers)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in read_tensors(path, name).items():
+    for key, tensor in read_tensors(path, name, max_bytes).items():
         match = _KEY.match(key)
         if match is None:
             raise NemoliteError(f"LoRA adapter {name!r}: tensor {key!r} is not a LoRA A or B weight of a linear "

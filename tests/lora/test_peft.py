@@ -147,3 +147,16 @@ def test_adapter_on_a_reward_model(reward_model_dir, tmp_path):
     base = served.reward([conversation], use_tqdm=False)[0]["attributes"]
     assert max(abs(got[k] - merged["attributes"][k]) for k in got) <= 1e-4
     assert max(abs(got[k] - base[k]) for k in got) > 1e-3
+
+
+def test_an_adapter_file_larger_than_any_adapter_of_the_model_is_refused_unread(lora_base, peft_adapters, tmp_path):
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "huge"
+    shutil.copytree(peft_adapters["qv"], adapter)
+    # one declared tensor bigger than every layer of the model at max_lora_rank together (nothing else checked yet)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 2**21)},
+              str(adapter / "adapter_model.safetensors"))
+    llm = LLM(lora_base, dtype="float32", device=DEVICE, enable_lora=True, max_lora_rank=4)
+    with pytest.raises(NemoliteError, match="nothing was read"):
+        llm.generate(prompt_token_ids=[PROMPTS[1]], lora_request=LoRARequest("huge", 1, str(adapter)), use_tqdm=False)
