@@ -6,6 +6,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,17 @@ def nemotron_llm(nemotron_dir):
     from nemolite import LLM
 
     return LLM(nemotron_dir, dtype="float32", device=DEVICE)
+
+
+def run_nemo_writer(writer: Path, out: Path, sites: list[str], timeout: int = 900) -> Path:
+    """Run a writer script under NeMo (``sites`` put first on its PYTHONPATH) into ``out``, beside a tokenizer
+    and the input ids it computes NeMo's logits for; skip when NeMo is not importable (exit 77)."""
+    write_sentencepiece(out)
+    torch.save(torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(7)), out / "input_ids.pt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*sites, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-W", "ignore", str(writer), str(out), str(out / "tokenizer.model")],
+                            env=env, capture_output=True, text=True, timeout=timeout, cwd=out)
+    if result.returncode == 77:
+        pytest.skip(f"NeMo is not importable: {result.stdout.strip()[-300:]}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out

@@ -14,7 +14,7 @@ Which slot each token uses is the step's ``LoRAMapping``, shared by all the laye
   transposed ([S, W, out], kept beside B). Elsewhere every row is multiplied by every slot's A at once, the
   columns of the slots it does not use zeroed, and by every slot's B side by side: two GEMMs, S x the work.
   On the 204 M bench model at batch 16 with 4 adapters, the 48 layers' LoRA took 6.3 ms a step as batched
-  matmuls and a gather, 2.7-3.2 ms as the masked GEMMs prepacked for oneDNN.
+  matmuls and a gather, 2.7-3.2 ms as the masked GEMMs prepacked for oneDNN, 1.5-2.4 ms in lora_bgmv.
 """
 
 from __future__ import annotations

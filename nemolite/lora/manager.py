@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nemolite.errors import NemoliteError
-from nemolite.lora.adapter import LoRAAdapter, adaptable_shapes
+from nemolite.lora.adapter import TARGET_SUFFIXES, LoRAAdapter, adaptable_shapes
 from nemolite.lora.layers import LoRALinear, LoRAMapping
 from nemolite.lora.request import LoRARequest
 
@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 # Layers computed as one by fuse_projections, and the checkpoint layers they hold, in output order.
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-SINGLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                  "linear_attn", "linear_mlp")
 
 
 def _part_rows(parent: nn.Module, fused_name: str, out_features: int) -> list[int]:
@@ -45,15 +43,12 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[1], module.weight.shape[0]
 
 
-def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
-                        mapping: LoRAMapping) -> tuple[list[LoRALinear], dict[str, tuple[int, int]]]:
-    """Wrap every adaptable linear layer of ``model`` (after fuse_projections) in a LoRALinear. Returns the
-    layers and the (out, in) shape of each checkpoint layer name they cover, as this rank holds it."""
+def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int, mapping: LoRAMapping) -> list[LoRALinear]:
+    """Wrap every adaptable linear layer of ``model`` (after fuse_projections) in a LoRALinear; the layers."""
     from nemolite.parallel.tensor import RowParallelLinear
 
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     layers: list[LoRALinear] = []
-    shapes: dict[str, tuple[int, int]] = {}
     for index, decoder_layer in enumerate(model.model.layers):
         for block_name in ("self_attn", "mlp"):
             parent = getattr(decoder_layer, block_name, None)
@@ -61,7 +56,7 @@ def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
                 continue
             prefix = f"model.layers.{index}.{block_name}"
             for child_name, child in list(parent.named_children()):
-                if child_name not in FUSED_PARTS and child_name not in SINGLE_TARGETS:
+                if child_name not in FUSED_PARTS and child_name not in TARGET_SUFFIXES:
                     continue
                 in_features, out_features = _features(child)
                 if child_name in FUSED_PARTS:
@@ -72,7 +67,6 @@ def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
                 parts, first = [], 0
                 for name, count in zip(names, rows):
                     parts.append((f"{prefix}.{name}", first, count))
-                    shapes[f"{prefix}.{name}"] = (count, in_features)
                     first += count
                 row_parallel = isinstance(child, RowParallelLinear)
                 input_slice = (child.tp_rank * in_features, in_features) if row_parallel and child.split_input \
@@ -81,7 +75,7 @@ def install_lora_layers(model: nn.Module, num_slots: int, max_rank: int,
                                    device, child.group if row_parallel else None, input_slice)
                 setattr(parent, child_name, layer)
                 layers.append(layer)
-    return layers, shapes
+    return layers
 
 
 class LoRAManager:
@@ -92,7 +86,7 @@ class LoRAManager:
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.device = next(model.parameters()).device
         self.mapping = LoRAMapping()
-        self.layers, _ = install_lora_layers(model, max_loras, max_lora_rank, self.mapping)
+        self.layers = install_lora_layers(model, max_loras, max_lora_rank, self.mapping)
         self.config, self.parallel = model.config, model.parallel
         self.shapes = adaptable_shapes(model.config)  # the whole model's: adapters are checked against these
         self.requests: dict[int, LoRARequest] = {}  # registered adapters by id

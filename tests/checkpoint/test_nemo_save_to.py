@@ -10,15 +10,13 @@ installs them. Without them the tests skip.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from nemolite.checkpoint.nemo import NemoCheckpoint, load_nemo_model
-from tests.conftest import write_sentencepiece
+from tests.conftest import run_nemo_writer
 
 WRITER = Path(__file__).with_name("nemo_save_writer.py")
 LAYOUTS = ["torch_dist_fp32", "zarr_fp32", "legacy_fp32", "torch_dist_bf16", "zarr_bf16"]
@@ -30,16 +28,7 @@ def saved(tmp_path_factory) -> Path:
     sites = [os.environ.get("NEMOLITE_TEST_NEMO_PATH"), os.environ.get("NEMOLITE_TEST_MCORE014_PATH")]
     if not all(sites):
         pytest.skip("NEMOLITE_TEST_NEMO_PATH and NEMOLITE_TEST_MCORE014_PATH are not set (.ci/run sets them)")
-    out = tmp_path_factory.mktemp("nemo_save_to")
-    write_sentencepiece(out)
-    torch.save(torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(7)), out / "input_ids.pt")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*sites, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-W", "ignore", str(WRITER), str(out), str(out / "tokenizer.model")],
-                            env=env, capture_output=True, text=True, timeout=600, cwd=out)
-    if result.returncode == 77:
-        pytest.skip(f"NeMo is not importable: {result.stdout.strip()[-300:]}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+    return run_nemo_writer(WRITER, tmp_path_factory.mktemp("nemo_save_to"), sites, timeout=600)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import make_llama, make_nemotron, write_sentencepiece
+from tests.conftest import make_llama, make_nemotron
 
 # Nemotron with GQA and head_dim (24) != hidden / heads (16): a reader that assumes either shows.
 NEMOTRON = dict(head_dim=24, num_key_value_heads=2, num_hidden_layers=3)
@@ -57,16 +54,3 @@ def peft_adapters(lora_base, tmp_path_factory) -> dict[str, Path]:
 def llama_lora_base(tmp_path_factory) -> Path:
     return make_llama(tmp_path_factory.mktemp("llama-lora-base"))
 
-
-def run_nemo_writer(writer: Path, out: Path, sites: list[str]) -> Path:
-    """Run a writer script under NeMo (``sites`` put first on its PYTHONPATH) into ``out``, beside a tokenizer
-    and the input ids it computes NeMo's logits for; skip when NeMo is not importable (exit 77)."""
-    write_sentencepiece(out)
-    torch.save(torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(7)), out / "input_ids.pt")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*sites, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-W", "ignore", str(writer), str(out), str(out / "tokenizer.model")],
-                            env=env, capture_output=True, text=True, timeout=900, cwd=out)
-    if result.returncode == 77:
-        pytest.skip(f"NeMo 2.4.1 is not importable: {result.stdout.strip()[-300:]}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out

@@ -19,8 +19,7 @@ import torch
 from nemolite import LLM, LoRARequest, NemoliteError
 from nemolite.lora.formats import read_adapter
 from nemolite.lora.nemo2 import is_nemo2_adapter, read_nemo2_adapter
-from tests.conftest import DEVICE
-from tests.lora.conftest import run_nemo_writer
+from tests.conftest import DEVICE, run_nemo_writer
 from tests.lora.test_nemo_lora import nemo_logprobs, nemolite_logprobs
 
 WRITER = Path(__file__).with_name("nemo2_lora_writer.py")

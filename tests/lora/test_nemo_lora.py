@@ -20,8 +20,7 @@ import yaml
 from nemolite import LLM, LoRARequest, NemoliteError, SamplingParams
 from nemolite.lora.formats import read_adapter
 from nemolite.lora.nemo import is_nemo_adapter, read_nemo_adapter
-from tests.conftest import DEVICE
-from tests.lora.conftest import run_nemo_writer
+from tests.conftest import DEVICE, run_nemo_writer
 
 WRITER = Path(__file__).with_name("nemo_lora_writer.py")
 # adapter -> its base model, as nemo_lora_writer.ADAPTERS writes them
