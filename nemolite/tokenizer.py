@@ -16,6 +16,7 @@ from nemolite.errors import NemoliteError
 from nemolite.json_body import valid_unicode
 
 NEMOTRON_STOP = "<extra_id_1>"
+_MARKER = re.compile(r"<[^<>\s]+>")
 ROLES = ("system", "user", "assistant")
 
 
@@ -93,6 +94,11 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self.backend.id_to_token(i) for i in ids]
+
+    def special_token_ids(self) -> set[int]:
+        """Tokens that stand for no text: control, unknown and marker tokens (``<s>``, ``<extra_id_1>``,
+        ``<|eot_id|>``); structured output never lets them into what it constrains."""
+        return self.backend.special_token_ids()
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -212,6 +218,7 @@ class _Backend:
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
     def id_to_token(self, token_id: int) -> str: ...
     def token_to_id(self, token: str | None) -> int | None: ...
+    def special_token_ids(self) -> set[int]: ...
 
 
 class _HFBackend(_Backend):
@@ -235,6 +242,9 @@ class _HFBackend(_Backend):
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.tokenizer.token_to_id(token)
+
+    def special_token_ids(self) -> set[int]:
+        return {token_id for token_id, added in self.tokenizer.get_added_tokens_decoder().items() if added.special}
 
 
 class _SentencePieceBackend(_Backend):
@@ -284,6 +294,14 @@ class _SentencePieceBackend(_Backend):
 
     def id_to_token(self, token_id: int) -> str:
         return self.processor.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else ""
+
+    def special_token_ids(self) -> set[int]:
+        # Control and unknown pieces, and user-defined markers: a piece spelled <...> that the model
+        # matches whole in text (llama.cpp's rule for user-defined tokens that look like controls).
+        markers = {i for i in range(self.vocab_size) if not self.processor.IsByte(i)
+                   and _MARKER.fullmatch(self.processor.id_to_piece(i))
+                   and self.processor.encode(self.processor.id_to_piece(i))[-1:] == [i]}
+        return set(self._special.values()) | markers
 
     def token_to_id(self, token: str | None) -> int | None:
         if token is None:

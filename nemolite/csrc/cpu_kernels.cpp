@@ -9,7 +9,9 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -669,6 +671,44 @@ void store_rows(std::vector<torch::Tensor> caches, torch::Tensor slots, std::vec
   }
 }
 
+// Structured output (nemolite.engine.structured): logits[rows[i], t] = -inf for every token t whose bit
+// (bit t % 32 of bitmask[i][t / 32], llguidance's layout) is 0, and for tokens past the bitmask's 32 * W.
+// One pass over the forbidden tokens; the torch path (unpack the bits, index, masked_fill, index_put) took
+// ~0.3 ms at [16, 4096] on the 2-core machine.
+template <typename T>
+void mask_rows(T* logits, int64_t V, const int32_t* bitmask, int64_t W, const int64_t* rows, int64_t k) {
+  const T lowest = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < k; ++i) {
+    T* row = logits + rows[i] * V;
+    const int32_t* bits = bitmask + i * W;
+    for (int64_t word = 0; word * 32 < V; ++word) {
+      uint32_t forbidden = word < W ? ~static_cast<uint32_t>(bits[word]) : 0xffffffffu;
+      while (forbidden) {
+        int64_t t = word * 32 + __builtin_ctz(forbidden);
+        forbidden &= forbidden - 1;
+        if (t < V) row[t] = lowest;
+      }
+    }
+  }
+}
+
+void apply_token_bitmask(torch::Tensor logits, torch::Tensor bitmask, torch::Tensor rows) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() &&
+              (logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16),
+              "apply_token_bitmask: contiguous fp32 or bf16 logits [R, V]");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.is_contiguous() && bitmask.scalar_type() == torch::kInt,
+              "apply_token_bitmask: contiguous int32 bitmask [k, W]");
+  TORCH_CHECK(rows.dim() == 1 && rows.is_contiguous() && rows.scalar_type() == torch::kLong &&
+              rows.size(0) == bitmask.size(0), "apply_token_bitmask: int64 rows [k], one per bitmask row");
+  const int64_t k = rows.size(0), V = logits.size(1), W = bitmask.size(1);
+  const int64_t* R = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k; ++i) TORCH_CHECK(R[i] >= 0 && R[i] < logits.size(0), "apply_token_bitmask: row out of range");
+  if (logits.scalar_type() == torch::kFloat)
+    mask_rows(logits.data_ptr<float>(), V, bitmask.data_ptr<int32_t>(), W, R, k);
+  else
+    mask_rows(logits.data_ptr<at::BFloat16>(), V, bitmask.data_ptr<int32_t>(), W, R, k);
+}
+
 // Real operators (not Python functions), so compiled graphs call them without the interpreter.
 TORCH_LIBRARY_FRAGMENT(nemolite, m) {
   m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
@@ -681,6 +721,7 @@ TORCH_LIBRARY_FRAGMENT(nemolite, m) {
         "Tensor new_v, float scale) -> Tensor");
   m.def("store_rows(Tensor(a!)[] caches, Tensor slots, Tensor[] rows) -> ()");
   m.def("greedy_rows(Tensor logits) -> (Tensor, Tensor)");
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()");
 }
 TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
@@ -691,5 +732,6 @@ TORCH_LIBRARY_IMPL(nemolite, CPU, m) {
   m.impl("sample_rows", &sample_rows);
   m.impl("store_rows", &store_rows);
   m.impl("greedy_rows", &greedy_rows);
+  m.impl("apply_token_bitmask", &apply_token_bitmask);
 }
 #endif  // AVX2 + FMA

@@ -31,6 +31,7 @@ from nemolite.engine.sampler import apply_penalties, make_generator, needs_proce
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.engine.scheduler import ScheduledBatch, Scheduler
 from nemolite.engine.sequence import Sequence
+from nemolite.engine.structured import GrammarCompiler, MaskFiller, accept, apply_token_bitmask, is_finished
 from nemolite.engine.validation import RequestLimits, validate_request
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
@@ -116,6 +117,8 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(model, self.cache, self.device, compile=args.compile, lora=self.lora)
         self.output_processor = OutputProcessor(tokenizer, self.config)
+        self.grammars = GrammarCompiler(tokenizer)  # structured outputs, compiled once each (thread-safe)
+        self._masks = MaskFiller(tokenizer.vocab_size, self.device)
         self._own_stops = frozenset(tokenizer.chat_stop()[0])  # with_chat_stops adds them, not the client
         self.requests: dict[str, Request] = {}
         self._failed: dict[str, Request] = {}  # requests that failed since the last step reported them
@@ -150,6 +153,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release what the engine holds beyond memory: in a parallel job, stop the other ranks."""
+        self._masks.close()
         self.runner.close()
 
     def add_request(self, request_id: str | None, prompt: str | None, prompt_token_ids: list[int],
@@ -160,6 +164,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise NemoliteError(f"request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, params)
+        # Compiled here unless a server compiled it already on a worker thread (then a cache hit).
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         lora_id, salt = self.add_lora(lora_request) if lora_request is not None else (0, b"")
         seqs = []
         for index in range(params.n):
@@ -167,6 +173,7 @@ class LLMEngine:
                            make_generator(self._seed(params, index), self.device), lora_id, salt)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             seq.waits_for = seqs[0] if seqs else None
+            seq.grammar = grammar.deep_copy() if grammar is not None else None
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
         for seq in seqs:
@@ -248,8 +255,9 @@ class LLMEngine:
                 threads = self._step_threads[prefill]
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)
+            masks = self._step_masks(batch)
             for part, step in self._execute(batch):
-                self._process(part, step, moved)
+                self._process(part, step, moved, masks)
         outputs = [(request, request.finished) for request in moved.values() if request.error is None]
         # Requests that finished without a token this step (max_tokens=0) are reported once, now.
         outputs += [(request, True) for request in self._pop_finished() if request.request_id not in moved]
@@ -282,9 +290,31 @@ class LLMEngine:
                 self._fail(request_id, error)
         return steps
 
-    def _process(self, batch: ScheduledBatch, step: StepLogits, moved: dict[str, Request]) -> None:
+    def _step_masks(self, batch: ScheduledBatch) -> dict[int, tuple]:
+        """The grammar masks of the constrained sequences that sample this step, seq_id -> (future of the
+        bitmask, its row): computed during the forward pass where a core is free for it, else after it."""
+        constrained = [seq for seq, num_tokens in batch
+                       if seq.grammar is not None and seq.num_computed_tokens + num_tokens == len(seq)]
+        if not constrained:
+            return {}
+        future = self._masks.start([seq.grammar for seq in constrained])
+        return {seq.seq_id: (future, row) for row, seq in enumerate(constrained)}
+
+    def _apply_masks(self, logits: torch.Tensor, samplers: list[Sequence], masks: dict[int, tuple]) -> None:
+        """Set the logits of every token its grammar forbids to -inf, in the constrained rows."""
+        rows = [row for row, seq in enumerate(samplers) if seq.seq_id in masks and not seq.finished]
+        if not rows:
+            return
+        bitmask = torch.stack([masks[samplers[row].seq_id][0].result()[masks[samplers[row].seq_id][1]]
+                               for row in rows])
+        apply_token_bitmask(logits, bitmask, rows)
+
+    def _process(self, batch: ScheduledBatch, step: StepLogits, moved: dict[str, Request],
+                 masks: dict[int, tuple] | None = None) -> None:
         """Everything after the forward pass, per sequence, each failure confined to its request."""
         logits, samplers = step.sample_logits, step.samplers
+        if masks:
+            self._apply_masks(logits, samplers, masks)
         self._score_prompts(step)
         for seq, num_tokens in batch:
             if not seq.finished:
@@ -307,6 +337,8 @@ class LLMEngine:
         if rows:
             sampled = self._sample(logits, [samplers[row] for row in rows], rows)
             for seq, result in sampled:
+                if seq.finished:  # a sibling of ``n`` failed its request earlier in this loop
+                    continue
                 if self._guard(seq, self._append, seq, *result):
                     moved[seq.request_id] = self.requests[seq.request_id]
 
@@ -332,7 +364,12 @@ class LLMEngine:
         return results
 
     def _append(self, seq: Sequence, token: int, logprob: float, top, full) -> bool:
+        if seq.grammar is not None:
+            accept(seq.grammar, token)
         if self.output_processor.append_token(seq, token, logprob, top, full):
+            self.scheduler.finish(seq)
+        elif seq.grammar is not None and is_finished(seq.grammar):  # the structure is complete
+            seq.output.finish_reason = "stop"
             self.scheduler.finish(seq)
         return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from nemolite.engine.structured import StructuredOutputs
 from nemolite.errors import NemoliteError
 from nemolite.json_body import valid_unicode
 
@@ -33,6 +34,9 @@ class SamplingParams:
     reward: bool = False  # score the prompt with a reward model's head instead of generating (max_tokens is 0)
     logit_bias: dict[int, float] | None = None  # OpenAI: added to these tokens' logits, each in [-100, 100]
     allowed_token_ids: list[int] | None = None  # vLLM: only these tokens may be drawn
+    # vLLM: the output must match a JSON schema, regex, choice or grammar (a StructuredOutputs or a dict
+    # of its fields); the grammar compiles when the request is added
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,11 +88,14 @@ class SamplingParams:
                  and all(_integer(t) for t in self.allowed_token_ids),
                  "allowed_token_ids must be a non-empty list of token ids")
             self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputs.of(self.structured_outputs)
         for name in ("include_stop_str_in_output", "ignore_eos", "full_logprobs", "skip_special_tokens", "reward"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.reward:
-            need(self.n == 1 and self.logprobs is None and self.prompt_logprobs is None,
-                 "a reward request scores its prompt once: n must be 1 and logprobs/prompt_logprobs unset")
+            need(self.n == 1 and self.logprobs is None and self.prompt_logprobs is None
+                 and self.structured_outputs is None, "a reward request scores its prompt once: n must be 1 and "
+                 "logprobs/prompt_logprobs/structured_outputs unset")
             self.max_tokens = self.min_tokens = 0
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

@@ -22,7 +22,7 @@ class Sequence:
     __slots__ = ("seq_id", "request_id", "index", "prompt_token_ids", "token_ids", "params", "status",
                  "block_table", "block_hashes", "num_computed_tokens", "num_cached_tokens", "generator",
                  "output", "detokenizer", "prompt_logprobs", "prompt_full_logprobs", "waits_for", "reward",
-                 "lora_id", "cache_salt")
+                 "lora_id", "cache_salt", "grammar")
 
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, generator: torch.Generator, lora_id: int = 0, cache_salt: bytes = b""):
@@ -48,6 +48,7 @@ class Sequence:
         self.reward: list[float] | None = None  # a reward model's attributes for the prompt (SamplingParams.reward)
         self.lora_id = lora_id  # the LoRA adapter it runs with (0: the base model)
         self.cache_salt = cache_salt  # what else than its tokens decides its K/V (the adapter): prefix-cache keys
+        self.grammar = None  # its structured output's matcher (nemolite.engine.structured), past its tokens
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -70,7 +70,7 @@ def _build() -> bool:
 
         log.info("loading the CPU kernels (the first time builds them with the C++ compiler, ~1 min)")
         cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]  # a cache shared across CPUs stays right
-        load_extension(f"nemolite_cpu_kernels_v44_{cpu}", [str(CSRC / name) for name in SOURCES],
+        load_extension(f"nemolite_cpu_kernels_v45_{cpu}", [str(CSRC / name) for name in SOURCES],
                        is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: gathered attention and oneDNN
