@@ -17,7 +17,7 @@ from nemolite.json_body import valid_unicode
 
 NEMOTRON_STOP = "<extra_id_1>"
 _MARKER = re.compile(r"<[^<>\s]+>")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Tokenizer:
@@ -103,10 +103,14 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt of a conversation; ``tools`` (OpenAI function specs) reach a jinja template that reads
+        them (Llama-3.1's), as HF's apply_chat_template passes them."""
         messages = validate_messages(messages)
         if self.chat_template is not None:
-            return _render_jinja(self.chat_template, messages, add_generation_prompt,
+            extra = {"tools": tools} if tools is not None else {}
+            return _render_jinja(self.chat_template, messages, add_generation_prompt, **extra,
                                  bos_token=self.backend.id_to_token(self.bos_token_id) if self.bos_token_id is not None else "",
                                  eos_token=self.backend.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else "")
         if self.chat_format == "nemotron":
@@ -130,10 +134,26 @@ def nemotron_chat_prompt(messages: list[dict[str, str]], add_generation_prompt: 
         if message["role"] == "user":
             parts.append(f"<extra_id_1>User\n{message['content']}\n")
         elif message["role"] == "assistant":
-            parts.append(f"<extra_id_1>Assistant\n{message['content']}\n")
+            parts.append(f"<extra_id_1>Assistant\n{message['content'] or _calls_text(message)}\n")
+        elif message["role"] == "tool":  # the format has no tool turn: the result comes back as the user's
+            parts.append(f"<extra_id_1>User\nTool result: {message['content']}\n")
     if add_generation_prompt:
         parts.append("<extra_id_1>Assistant\n")
     return "".join(parts)
+
+
+def _calls_text(message: dict) -> str:
+    """An assistant turn that called tools, as the calls it made (Llama-3.1's JSON form)."""
+    calls = [call.get("function", {}) for call in message.get("tool_calls") or () if isinstance(call, dict)]
+    return "; ".join(json.dumps({"name": call.get("name"), "parameters": _arguments(call.get("arguments"))},
+                                ensure_ascii=False) for call in calls)
+
+
+def _arguments(arguments: Any) -> Any:
+    try:
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return arguments
 
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
@@ -147,6 +167,10 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         if isinstance(content, list):  # OpenAI content parts
             content = "".join(_text_part(part, f"messages[{index}].content[{number}]")
                               for number, part in enumerate(content))
+        if content is None and message["role"] == "assistant" and message.get("tool_calls"):
+            if not isinstance(message["tool_calls"], list):
+                raise NemoliteError(f"messages[{index}].tool_calls must be a list")
+            content = ""  # a turn that only called tools
         if not isinstance(content, str):
             raise NemoliteError(f"messages[{index}].content must be a string or a list of text parts")
         if message["role"] == "system" and index != 0:

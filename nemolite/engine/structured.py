@@ -116,12 +116,42 @@ class StructuredOutputs:
         return cls(**value)
 
 
+# Numbers without a bound get this many digits at most: a small model that starts a number otherwise
+# often writes digits until max_tokens (the demo model did, on 2 of 4 answers to an unbounded integer).
+NUMBER_BOUND = 10**15
+
+
+def bound_numbers(schema: Any) -> Any:
+    """A copy of ``schema`` in which every integer or number without an upper (lower) bound gets
+    +-NUMBER_BOUND: whatever is generated still validates against the schema as it was given."""
+    if isinstance(schema, list):
+        return [bound_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: value if key in ("enum", "const", "default", "examples") else bound_numbers(value)
+               for key, value in schema.items()}
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if "integer" in kinds or "number" in kinds:
+        low = _number(schema.get("minimum", schema.get("exclusiveMinimum")))
+        high = _number(schema.get("maximum", schema.get("exclusiveMaximum")))
+        if "maximum" not in schema and "exclusiveMaximum" not in schema and (low is None or low < NUMBER_BOUND):
+            bounded["maximum"] = NUMBER_BOUND
+        if "minimum" not in schema and "exclusiveMinimum" not in schema and (high is None or high > -NUMBER_BOUND):
+            bounded["minimum"] = -NUMBER_BOUND
+    return bounded
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def grammar_source(spec: StructuredOutputs) -> str:
     """The llguidance grammar (its JSON form) of ``spec``, not yet checked."""
     import llguidance
 
     if spec.json is not None or spec.json_object:
-        schema = spec.json if spec.json is not None else {"type": "object"}
+        schema = bound_numbers(spec.json) if spec.json is not None else {"type": "object"}
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as error:

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -21,7 +22,8 @@ from nemolite.engine.llm import with_chat_stops
 from nemolite.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.lora.request import LoRARequest
-from nemolite.server import reward
+from nemolite.server import reward, tools
+from nemolite.server.guided import structured_outputs
 from nemolite.server.schemas import Body, ChatMessage
 from nemolite.server.state import Job, RequestError, ServerState, engine_call, json_logprob, state_of
 from nemolite.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -70,6 +72,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(Body):
@@ -301,18 +306,20 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream and body.echo and body.logprobs is not None:
         raise RequestError("echo with logprobs is only supported without stream")
     prompts = await _completion_prompts(state, body.prompt, body.n)
+    constraint = structured_outputs(body)
     jobs = []
     for index, (text, ids) in enumerate(prompts):
         try:
             max_tokens = _max_tokens(state, ids, body.max_tokens)
         except RequestError as error:
             raise RequestError(f"prompt {index}: {error.message}" if len(prompts) > 1 else error.message) from None
-        params = _sampling_params(body, max_tokens, logprobs=body.logprobs,
+        params = _sampling_params(body, max_tokens, logprobs=body.logprobs, structured_outputs=constraint,
                                   prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
         jobs.append(Job(ids, params, text, lora))
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = _served_name(state, body.model)
     if body.stream:
+        await state.compile_grammars(jobs)
         streams = state.submit(jobs, stream=True)
         return _stream_response(_stream_errors(_stream_completions(state, body, prompts, jobs, streams, request_id,
                                                                    created)))
@@ -402,32 +409,74 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if state.config.is_reward_model:
         return await reward.chat_completion(state, body, request, lora)
     state.check_sequences(body.n)
+    tool_plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+    constraint = structured_outputs(body)
+    if tool_plan is not None and tool_plan.constraint is not None:
+        if constraint is not None:
+            raise RequestError("a named or required tool_choice constrains the answer already; drop the "
+                               "structured-output field (or use tool_choice auto)")
+        constraint = tool_plan.constraint
     messages = [message.model_dump(exclude_none=True) for message in body.messages]
-    prompt = await state.chat_prompt(messages, body.add_generation_prompt)
+    prompt = await _chat_prompt(state, messages, body.add_generation_prompt, tool_plan)
     ids = await state.encode(prompt, add_bos=False)
     max_tokens = _max_tokens(state, ids, body.max_completion_tokens or body.max_tokens)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs: true")
-    params = with_chat_stops(state.tokenizer, _sampling_params(body, max_tokens, logprobs=top_logprobs))
+    params = with_chat_stops(state.tokenizer, _sampling_params(body, max_tokens, logprobs=top_logprobs,
+                                                               structured_outputs=constraint))
     job = Job(ids, params, prompt, lora)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if tool_plan is not None and tool_plan.mode == "none":
+        tool_plan = None  # nothing to parse
     if body.stream:
+        await state.compile_grammars([job])
         streams = state.submit([job], stream=True)
-        return _stream_response(_stream_errors(_stream_chat(state, body, job, streams, request_id, created)))
+        return _stream_response(_stream_errors(_stream_chat(state, body, job, streams, request_id, created,
+                                                            tool_plan)))
     outputs = await state.collect(request, [job])
     if not isinstance(outputs, list):
         return outputs
     output = outputs[0]
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(state, ids, c, body.top_logprobs or 0) if body.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
+    choices = []
+    for c in output.outputs:
+        message, finish_reason = _chat_message(tool_plan, c)
+        choices.append({"index": c.index, "message": message, "finish_reason": finish_reason,
+                        "logprobs": _chat_logprobs(state, ids, c, body.top_logprobs or 0) if body.logprobs else None,
+                        "stop_reason": c.stop_reason})
     return {"id": request_id, "object": "chat.completion", "created": created, "model": _served_name(state, body.model),
             "choices": choices, "usage": _usage(len(ids), sum(len(c.token_ids) for c in output.outputs))}
 
 
+async def _chat_prompt(state: ServerState, messages: list[dict], add_generation_prompt: bool,
+                       tool_plan: "tools.ToolPlan | None") -> str:
+    """The prompt, with the tools where the model is to see them: the template's own ``tools`` when it
+    reads them, else a system message that lists them (tool_choice none: no tools at all)."""
+    if tool_plan is None or tool_plan.mode == "none":
+        return await state.chat_prompt(messages, add_generation_prompt)
+    if tools.template_reads_tools(state.tokenizer.chat_template):
+        return await state.chat_prompt(messages, add_generation_prompt, tool_plan.tools)
+    listing = tools.tools_system_message(tool_plan.tools)
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        messages = [{**messages[0], "content": messages[0]["content"] + "\n\n" + listing}, *messages[1:]]
+    else:
+        messages = [{"role": "system", "content": listing}, *messages]
+    return await state.chat_prompt(messages, add_generation_prompt)
+
+
+def _chat_message(tool_plan: "tools.ToolPlan | None", completion: CompletionOutput) -> tuple[dict, str | None]:
+    """The assistant message of a finished choice and its finish_reason ("tool_calls" when it called)."""
+    if tool_plan is not None and completion.finish_reason == "stop":
+        calls = tools.calls_of(tool_plan, completion.text)
+        if calls:
+            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": completion.text}, completion.finish_reason
+
+
 async def _stream_chat(state: ServerState, body: ChatCompletionRequest, job: Job, streams, request_id: str,
-                       created: int) -> AsyncIterator[str]:
+                       created: int, tool_plan: "tools.ToolPlan | None" = None) -> AsyncIterator[str]:
+    """Content deltas as they come; with tools the answer is held until it ends, then sent as
+    ``tool_calls`` deltas (one per call, its arguments whole) or as one content delta."""
     model = _served_name(state, body.model)
 
     def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
@@ -448,6 +497,19 @@ async def _stream_chat(state: ServerState, body: ChatCompletionRequest, job: Job
             if closed[index]:
                 continue
             finished = completion.finish_reason is not None
+            if tool_plan is not None:
+                if not finished:
+                    continue
+                message, finish_reason = _chat_message(tool_plan, completion)
+                delta = {"content": message["content"]} if message["content"] else {}
+                if message.get("tool_calls"):
+                    delta = {"tool_calls": [{"index": number, **call}
+                                            for number, call in enumerate(message["tool_calls"])]}
+                logprobs = _chat_logprobs(state, ids, completion, body.top_logprobs or 0) if body.logprobs else None
+                yield chunk(index, delta, logprobs, finish_reason)
+                closed[index] = True
+                completion_tokens += len(completion.token_ids)
+                continue
             text = completion.text[sent_text[index]:]
             if not text and len(completion.token_ids) == sent_tokens[index] and not finished:
                 continue

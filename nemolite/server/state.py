@@ -145,9 +145,11 @@ class ServerState:
     async def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         return await self._call(len(text) if isinstance(text, str) else 0, self.tokenizer.encode, text, add_bos)
 
-    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> str:
         size = sum(len(str(message.get("content", ""))) for message in messages if isinstance(message, dict))
-        return await self._call(size, self.tokenizer.apply_chat_template, messages, add_generation_prompt)
+        size += len(str(tools)) if tools else 0
+        return await self._call(size, self.tokenizer.apply_chat_template, messages, add_generation_prompt, tools)
 
     async def decode(self, token_ids: list[int]) -> str:
         return await self._call(len(token_ids), self.tokenizer.decode, token_ids)
@@ -194,9 +196,20 @@ class ServerState:
             raise
         return streams
 
+    async def compile_grammars(self, jobs: list[Job]) -> None:
+        """Compile the structured outputs of ``jobs`` (each distinct one once, cached) on a worker thread, so
+        that the engine finds them ready and no request waits for another's grammar; a bad schema, regex
+        or grammar is a 400 that names the problem."""
+        specs = {job.params.structured_outputs.key: job.params.structured_outputs for job in jobs
+                 if job.params.structured_outputs is not None}
+        grammars = self.engine.engine.grammars
+        for spec in specs.values():
+            await asyncio.get_running_loop().run_in_executor(self._workers, engine_call, grammars.compile, spec)
+
     async def collect(self, request: Request, jobs: list[Job]) -> list[RequestOutput] | Response:
         """Run every job to its end: the final outputs in order, or the response for a client that went
         away. The first failure cancels every sibling and is raised."""
+        await self.compile_grammars(jobs)
         streams = self.submit(jobs)
         tasks = [asyncio.ensure_future(self._final(stream, job)) for stream, job in zip(streams, jobs)]
         return await cancel_on_disconnect(request, _all_or_none(tasks, streams))
