@@ -15,7 +15,8 @@ a completion-shaped dict. It speaks Triton's HTTP protocol with the binary tenso
 pytriton ``ModelClient``'s order: server live/ready and model ready (polled each second until
 ``init_timeout``), the model config, then one infer per ``max_batch_size`` prompts. Inputs are
 sent as NeMo sends them, except that ``min_output_len`` carries its own value (NeMo's client sends
-``max_output_len``'s).
+``max_output_len``'s). Beyond NeMo's knobs, ``json_schema`` (a dict or its JSON text), ``regex``,
+``choice`` (a list of strings) or ``grammar`` constrain every completion (``nemolite serve`` only).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nemolite.kserve import HEADER_LENGTH, TensorError, pack, read_tensors, spli
 
 DEFAULT_PORT = 8000
 WORD_LISTS = ("stop_words_list", "bad_words_list", "end_strings")  # shape [n_words, 1], not batch-sized
+STRUCTURED = ("json_schema", "regex", "choice", "grammar")  # one for the whole request, not batch-sized
 
 
 class NemoQueryError(RuntimeError):
@@ -136,9 +138,11 @@ class NemoQuery:
                   compute_logprob: bool | None = None, end_strings: list[str] | None = None,
                   init_timeout: float = 60.0, openai_format_response: bool = False,
                   output_context_logits: bool = False, output_generation_logits: bool = False,
-                  max_output_token: int | None = None) -> Any:
+                  max_output_token: int | None = None, json_schema: dict | str | None = None,
+                  regex: str | None = None, choice: list[str] | None = None, grammar: str | None = None) -> Any:
         """Completions of ``prompts``: an ndarray of str, shape (len(prompts), 1). Unset knobs are not sent,
-        so the server's defaults apply; ``max_output_token`` is the old ``NemoQuery`` name of ``max_output_len``."""
+        so the server's defaults apply; ``max_output_token`` is the old ``NemoQuery`` name of ``max_output_len``.
+        At most one of ``json_schema``, ``regex``, ``choice``, ``grammar`` constrains every completion."""
         if max_output_token is not None:
             if max_output_len is not None and max_output_len != max_output_token:
                 raise ValueError("give max_output_len or max_output_token, not both")
@@ -171,6 +175,13 @@ class NemoQuery:
                              ("end_strings", end_strings)):
             if values is not None:
                 inputs[name] = ("BYTES", strings(values))
+        if isinstance(json_schema, dict):
+            json_schema = json.dumps(json_schema)
+        for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)):
+            if value is not None:
+                inputs[name] = ("BYTES", strings([value]))
+        if choice is not None:
+            inputs["choice"] = ("BYTES", strings([choice] if isinstance(choice, str) else choice))
         if task_id is not None:
             inputs["task_id"] = ("BYTES", column(task_id, object))
         if lora_uids is not None:
@@ -181,7 +192,7 @@ class NemoQuery:
         max_batch_size = config["max_batch_size"]
         rows = []
         for start in range(0, batch, max_batch_size):
-            chunk = {name: (datatype, array if name in WORD_LISTS else array[start:start + max_batch_size])
+            chunk = {name: (datatype, array if name in WORD_LISTS + STRUCTURED else array[start:start + max_batch_size])
                      for name, (datatype, array) in inputs.items()}
             result = self.infer(chunk, output_names)
             text = result.get("outputs", result.get("sentences"))

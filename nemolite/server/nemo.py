@@ -5,17 +5,27 @@ Fields, defaults and validation messages are NeMo's (NVIDIA/NeMo
 NeMo a failed check answers 400 ``{"error": ...}``. Each sentence is its own engine request, so a
 batch of sentences joins the running batch like any other traffic; the batch is validated whole
 before any sentence runs, and a failure ends all of them.
+
+Beyond NeMo, structured output (the OpenAI server's semantics, nemolite.engine.structured): at most one
+of ``json_schema`` (an object, or its JSON text), ``regex`` (a string the whole completion matches),
+``choice`` (a list of strings, the completion is one of them) and ``grammar`` (Lark or GBNF), or one
+``structured_outputs`` object with vLLM's keys (json, regex, choice, grammar, json_object). It
+constrains the completion of every sentence; ``sentences`` still answers prompt + completion. A bad
+schema, regex or grammar is a 400 that names the problem.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from fastapi import APIRouter, Request
 
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
+from nemolite.engine.structured import StructuredOutputs
+from nemolite.errors import NemoliteError
 from nemolite.json_body import valid_unicode
 from nemolite.server.state import (LOGPROB_FLOOR, Job, RequestError, ServerState, engine_call, json_logprob,
                                    read_json_object, state_of)
@@ -26,7 +36,10 @@ router = APIRouter()
 MAX_SENTENCES = 128
 ALLOWED_KEYS = {"all_probs", "sentences", "task_ids", "tokens_to_generate", "temperature", "add_BOS", "greedy",
                 "top_k", "top_p", "neighbors", "repetition_penalty", "min_tokens_to_generate", "end_strings",
-                "compute_logprob", "random_seed"}
+                "compute_logprob", "random_seed", "adapter_id", "json_schema", "regex", "choice", "grammar",
+                "structured_outputs"}
+# Structured-output fields of the body (at most one); their StructuredOutputs (vLLM) names.
+STRUCTURED_FIELDS = {"json_schema": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 
 
 @dataclasses.dataclass(slots=True)
@@ -45,6 +58,7 @@ class GenerateRequest:
     end_strings: list[str] = dataclasses.field(default_factory=lambda: ["<|endoftext|>"])
     random_seed: int | None = None
     adapter_id: str | None = None  # a served LoRA adapter's name (TGI's and LoRAX's field); None: the base model
+    structured_outputs: StructuredOutputs | None = None  # what every completion must be; None: free text
 
 
 def _is_int(value) -> bool:
@@ -115,7 +129,38 @@ def parse_request(data: dict) -> GenerateRequest:
     if data.get("adapter_id") is not None:
         need(isinstance(data["adapter_id"], str), "adapter_id must be the name of a served LoRA adapter")
         request.adapter_id = data["adapter_id"]
+    request.structured_outputs = _parse_structured(data)
     return request
+
+
+def _parse_structured(data: dict) -> StructuredOutputs | None:
+    """The body's one structured-output field (null counts as absent), its type checked, compiled later."""
+    given = [key for key in (*STRUCTURED_FIELDS, "structured_outputs") if data.get(key) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise RequestError("send at most one of json_schema, regex, choice, grammar, structured_outputs; "
+                           f"got {' and '.join(given)}")
+    key = given[0]
+    value = data[key]
+    if key == "structured_outputs":
+        return structured_outputs(value)
+    if key == "json_schema" and not isinstance(value, (dict, str)):
+        raise RequestError("json_schema must be a JSON schema: an object, or its JSON text")
+    if key in ("regex", "grammar") and not (isinstance(value, str) and value):
+        raise RequestError(f"{key} must be a non-empty string")
+    if key == "choice" and not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+        raise RequestError("choice must be a non-empty list of non-empty strings")
+    return structured_outputs({STRUCTURED_FIELDS[key]: value})
+
+
+def structured_outputs(fields: Any) -> StructuredOutputs:
+    """StructuredOutputs of vLLM-named ``fields`` (exactly one of json, regex, choice, grammar, json_object),
+    or a 400 naming what is wrong. Only the spec is checked here; ServerState.compile_grammars compiles it."""
+    try:
+        return StructuredOutputs.of(fields)
+    except NemoliteError as error:
+        raise RequestError(str(error)) from None
 
 
 def nemo_sampling_params(state: ServerState, prompt_length: int, *, tokens: int, min_tokens: int, greedy: bool,
@@ -139,7 +184,8 @@ def sampling_params(request: GenerateRequest, state: ServerState, prompt_length:
         state, prompt_length, tokens=request.tokens_to_generate, min_tokens=request.min_tokens_to_generate,
         greedy=request.greedy, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
         repetition_penalty=request.repetition_penalty, seed=request.random_seed, end_strings=request.end_strings,
-        logprobs=0 if scored else None, prompt_logprobs=0 if scored else None, full_logprobs=request.all_probs)
+        logprobs=0 if scored else None, prompt_logprobs=0 if scored else None, full_logprobs=request.all_probs,
+        structured_outputs=request.structured_outputs)
 
 
 async def _prompt_text(sentence, state: ServerState) -> str:

@@ -12,6 +12,11 @@ whatever their shape, unknown inputs are ignored, and defaults are the TensorRT-
 (64 tokens, top_k 1, so greedy unless the client says otherwise). Unlike NeMo, a request nemolite
 cannot run answers 4xx ``{"error": ...}`` instead of an in-band "An error occurred" string.
 
+Structured output (nemolite's, as the OpenAI and NeMo routers take it): at most one of the BYTES inputs
+``json_schema`` (a JSON schema's text), ``regex``, ``grammar`` (one string for the whole request,
+whatever the shape) and ``choice`` (a flat list of strings, like ``end_strings``); empty strings count
+as absent. The constraint applies to every prompt; a bad one is a 400 that names the problem.
+
 A reward model is served instead as NeMo-Aligner's reward server serves it: model ``reward_model``.
 """
 
@@ -27,7 +32,8 @@ from fastapi.responses import JSONResponse, Response
 import nemolite
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.kserve import HEADER_LENGTH, TensorError, pack, read_tensors, split_body, tensor_to_bytes
-from nemolite.server.nemo import nemo_sampling_params
+from nemolite.engine.structured import StructuredOutputs
+from nemolite.server.nemo import STRUCTURED_FIELDS, nemo_sampling_params, structured_outputs
 from nemolite.server.reward import score
 from nemolite.server.state import Job, RequestError, ServerState, state_of
 
@@ -45,7 +51,8 @@ INPUTS = [("prompts", "TYPE_STRING", "BYTES"), ("max_output_len", "TYPE_INT64", 
           ("compute_logprob", "TYPE_BOOL", "BOOL"), ("stop_words_list", "TYPE_STRING", "BYTES"),
           ("bad_words_list", "TYPE_STRING", "BYTES"), ("end_strings", "TYPE_STRING", "BYTES"),
           ("output_context_logits", "TYPE_BOOL", "BOOL"), ("output_generation_logits", "TYPE_BOOL", "BOOL"),
-          ("adapter_id", "TYPE_STRING", "BYTES")]
+          ("adapter_id", "TYPE_STRING", "BYTES"), ("json_schema", "TYPE_STRING", "BYTES"),
+          ("regex", "TYPE_STRING", "BYTES"), ("choice", "TYPE_STRING", "BYTES"), ("grammar", "TYPE_STRING", "BYTES")]
 OUTPUTS = [("outputs", "TYPE_STRING", "BYTES")]  # the TYPE_STRING output first: NemoQueryLLM reads outputs[0]
 # A reward model is served as NeMo-Aligner's reward server serves it (NVIDIA/NeMo-Aligner
 # nemo_aligner/algorithms/reward_server.py): model "reward_model",
@@ -70,6 +77,7 @@ class InferRequest:
     add_BOS: bool | None = None  # None: the checkpoint's own rule
     stop: list[str] = dataclasses.field(default_factory=list)
     adapter_id: str | None = None  # a served LoRA adapter's name, one for the whole request
+    structured_outputs: StructuredOutputs | None = None  # what every completion must be; None: free text
 
 
 def _model_name(state: ServerState) -> str:
@@ -169,7 +177,30 @@ def parse_request(tensors: dict[str, np.ndarray]) -> InferRequest:
         if len(names) > 1:
             raise RequestError("adapter_id names one LoRA adapter for the whole request; send one name")
         request.adapter_id = names.pop() if names else None
+    request.structured_outputs = _structured(tensors)
     return request
+
+
+def _structured(tensors: dict[str, np.ndarray]) -> StructuredOutputs | None:
+    """The request's one structured-output input, or None: json_schema, regex and grammar hold one
+    string (repeated per row is fine), choice a flat list; empty strings count as absent."""
+    fields = {}
+    for name, field in STRUCTURED_FIELDS.items():
+        if name not in tensors:
+            continue
+        values = [value for value in _strings(tensors[name], name) if value]
+        if name != "choice":
+            values = list(dict.fromkeys(values))
+            if len(values) > 1:
+                raise RequestError(f"input '{name}' holds {len(values)} different strings; send one {name} for the "
+                                   "whole request")
+        if values:
+            fields[field] = values if name == "choice" else values[0]
+    if len(fields) > 1:
+        given = [name for name, field in STRUCTURED_FIELDS.items() if field in fields]
+        raise RequestError("send at most one of the inputs json_schema, regex, choice, grammar; "
+                           f"got {' and '.join(given)}")
+    return structured_outputs(fields) if fields else None
 
 
 def sampling_params(request: InferRequest, state: ServerState, prompt_length: int) -> SamplingParams:
@@ -177,7 +208,7 @@ def sampling_params(request: InferRequest, state: ServerState, prompt_length: in
         state, prompt_length, tokens=request.max_output_len, min_tokens=request.min_output_len,
         greedy=request.use_greedy or request.temperature == 0.0, temperature=request.temperature,
         top_k=request.top_k, top_p=request.top_p, repetition_penalty=request.repetition_penalty,
-        seed=request.random_seed, end_strings=request.stop)
+        seed=request.random_seed, end_strings=request.stop, structured_outputs=request.structured_outputs)
 
 
 def _binary_wanted(header: dict, name: str) -> bool:
