@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from nemolite.errors import NemoliteError
+from nemolite.json_body import valid_unicode
 from nemolite.model import cpu_kernels
 
 # What llguidance's JSON compiler applies before a schema's own "x-guidance" options.
@@ -87,6 +88,10 @@ class StructuredOutputs:
         if len(given) != 1:
             raise NemoliteError("structured output takes exactly one of json, regex, choice, grammar, json_object; "
                                 f"got {', '.join(given) or 'none'}")
+        text = getattr(self, given[0])
+        if not valid_unicode(text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+                             if not isinstance(text, list) else "".join(text)):
+            raise NemoliteError(f"structured output: the {given[0]} must be valid Unicode (no lone surrogates)")
         if len(self.key) > MAX_SPEC_CHARACTERS:
             raise NemoliteError(f"structured output: the {given[0]} is longer than {MAX_SPEC_CHARACTERS} characters")
 

@@ -181,8 +181,61 @@ def _chat(cases: list) -> None:
     add("add_generation_prompt='x'", {"add_generation_prompt": "x"})
     add("tools", {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})
     add("response_format json_schema", {"response_format": {"type": "json_schema", "json_schema": {"x": 1}}})
+    _structured(add)
     add("10,000 stop strings", {"stop": [f"x{i}" for i in range(10_000)]})
     _json(cases, "POST", path, "chat json array", b"[]", want_4xx=True)
+
+
+def _structured(add) -> None:
+    """Structured output and tools: every schema, grammar and tool list an attacker can think of."""
+    deep: dict = {"type": "string"}
+    for _ in range(300):
+        deep = {"type": "array", "items": deep}
+    wide = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(3000)},
+            "required": [f"k{i}" for i in range(3000)]}
+    for name, schema in [("300 levels deep", deep), ("3000 required keys", wide), ("not", {"not": {}}),
+                         ("$ref loop", {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+                         ("remote $ref", {"$ref": "http://127.0.0.1:1/x.json"}), ("a list", [1]),
+                         ("text 'x'", "x"), ("enum []", {"enum": []}), ("type 5", {"type": 5}),
+                         ("pattern (", {"type": "string", "pattern": "("}),
+                         ("minLength 10**6", {"type": "string", "minLength": 10**6}),
+                         ("integer 10**400", {"type": "integer", "minimum": 10**400})]:
+        add(f"guided_json {name}", {"guided_json": schema, "max_tokens": 8})
+    for name, fields in [("regex a{1000}{1000}", {"guided_regex": "a{1000}{1000}"}),
+                         ("regex 5", {"guided_regex": 5}), ("choice 5000", {"guided_choice": [f"c{i}" for i in range(5000)]}),
+                         ("choice [null]", {"guided_choice": [None]}), ("choice ''", {"guided_choice": [""]}),
+                         ("grammar gbnf broken", {"guided_grammar": "root ::= ("}),
+                         ("grammar lark 1 MB", {"guided_grammar": "start: " + " | ".join(['"a"'] * 200_000)}),
+                         ("structured_outputs two kinds", {"structured_outputs": {"json": {}, "regex": "a"}}),
+                         ("structured_outputs 'x'", {"structured_outputs": "x"}),
+                         ("json_schema + guided_choice", {"guided_choice": ["a"], "response_format": {
+                             "type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}),
+                         ("guided_whitespace_pattern", {"guided_json": {}, "guided_whitespace_pattern": " *"}),
+                         ("guided_decoding_backend x", {"guided_json": {}, "guided_decoding_backend": "x"}),
+                         ("choice, allowed_token_ids elsewhere", {"guided_choice": ["yes"], "allowed_token_ids": [5]}),
+                         ("choice, min_tokens=50", {"guided_choice": ["a"], "min_tokens": 50}),
+                         ("choice, logit_bias -100 on all", {"guided_choice": ["a", "b"], "logit_bias": {
+                             str(i): -100 for i in range(VOCAB)}}),
+                         ("json, n=8 streamed", {"guided_json": {"type": "object"}, "n": 8, "stream": True,
+                                                 "max_tokens": 30, "temperature": 1.0}),
+                         ("json_object logprobs", {"response_format": {"type": "json_object"}, "logprobs": True,
+                                                   "top_logprobs": 5}),
+                         ("1000 tools required", {"tool_choice": "required", "tools": [
+                             {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+                             for i in range(1000)]}),
+                         ("tool parameters 'x'", {"tools": [{"type": "function", "function": {"name": "f",
+                                                                                             "parameters": "x"}}]}),
+                         ("tool_choice without tools", {"tool_choice": "required"}),
+                         ("tool_choice 5", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                            "tool_choice": 5}),
+                         ("tools streamed auto", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                                  "stream": True}),
+                         ("tool message, tool_calls 'x'", {"messages": [
+                             {"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                                 "tool_calls": "x"}]}),
+                         ("tool message content null", {"messages": [
+                             {"role": "user", "content": "hi"}, {"role": "tool", "content": None}]})]:
+        add(name, fields)
 
 
 def _tokenizer_routes(cases: list) -> None:
