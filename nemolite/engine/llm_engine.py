@@ -31,7 +31,8 @@ from nemolite.engine.sampler import apply_penalties, make_generator, needs_proce
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.engine.scheduler import ScheduledBatch, Scheduler
 from nemolite.engine.sequence import Sequence
-from nemolite.engine.structured import GrammarCompiler, MaskFiller, accept, apply_token_bitmask, is_finished
+from nemolite.engine.structured import (GrammarCompiler, MaskFiller, accept, apply_token_bitmask, closing_window,
+                                       in_json_string, is_finished, steer_to_close)
 from nemolite.engine.validation import RequestLimits, validate_request
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
@@ -308,6 +309,14 @@ class LLMEngine:
         bitmask = torch.stack([masks[samplers[row].seq_id][0].result()[masks[samplers[row].seq_id][1]]
                                for row in rows])
         apply_token_bitmask(logits, bitmask, rows)
+        for row in rows:
+            seq = samplers[row]
+            left = self.config.max_position_embeddings - len(seq)
+            if seq.params.max_tokens is not None:
+                left = min(left, seq.params.max_tokens - seq.num_output_tokens)
+            if left <= closing_window(seq.params.max_tokens) and seq.params.structured_outputs.closes_as_json:
+                in_string = in_json_string(seq.output.text)
+                steer_to_close(logits[row], self.grammars.closing_tokens(in_string))
 
     def _process(self, batch: ScheduledBatch, step: StepLogits, moved: dict[str, Request],
                  masks: dict[int, tuple] | None = None) -> None:
@@ -366,10 +375,11 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, logprob: float, top, full) -> bool:
         if seq.grammar is not None:
             accept(seq.grammar, token)
-        if self.output_processor.append_token(seq, token, logprob, top, full):
-            self.scheduler.finish(seq)
-        elif seq.grammar is not None and is_finished(seq.grammar):  # the structure is complete
-            seq.output.finish_reason = "stop"
+        finished = self.output_processor.append_token(seq, token, logprob, top, full)
+        if seq.grammar is not None and seq.output.finish_reason in (None, "length") and is_finished(seq.grammar):
+            seq.output.finish_reason = "stop"  # the structure is complete (with its budget's last token, too)
+            finished = True
+        if finished:
             self.scheduler.finish(seq)
         return True
 

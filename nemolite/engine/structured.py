@@ -101,6 +101,11 @@ class StructuredOutputs:
             if not self.json_object else "json_object"
 
     @property
+    def closes_as_json(self) -> bool:
+        """Whether the output is JSON (steered to close near the token budget: CLOSING_WINDOW)."""
+        return self.json is not None or self.json_object
+
+    @property
     def key(self) -> str:
         """The text that identifies this grammar (the compile cache's key)."""
         value = getattr(self, self.kind)
@@ -124,27 +129,37 @@ class StructuredOutputs:
 # Numbers without a bound get this many digits at most: a small model that starts a number otherwise
 # often writes digits until max_tokens (the demo model did, on 2 of 4 answers to an unbounded integer).
 NUMBER_BOUND = 10**15
+OPEN_OBJECT_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
-def bound_numbers(schema: Any) -> Any:
-    """A copy of ``schema`` in which every integer or number without an upper (lower) bound gets
-    +-NUMBER_BOUND: whatever is generated still validates against the schema as it was given."""
+def tighten_schema(schema: Any, in_all_of: bool = False) -> Any:
+    """A copy of ``schema`` that admits a subset of what it admits, so that whatever is generated still
+    validates against the schema as given:
+    - an integer or number without an upper (lower) bound gets +-NUMBER_BOUND;
+    - an object that lists ``properties`` and says nothing of other keys admits no others (xgrammar's
+      strict mode, vLLM's default; OpenAI's strict schemas say so themselves): given the choice, the
+      demo model went on with a made-up key after the listed ones and wrote it until max_tokens (31 of
+      40 answers to five such schemas). Members of ``allOf`` are left open: each lists only its part."""
     if isinstance(schema, list):
-        return [bound_numbers(item) for item in schema]
+        return [tighten_schema(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    bounded = {key: value if key in ("enum", "const", "default", "examples") else bound_numbers(value)
-               for key, value in schema.items()}
+    tightened = {key: value if key in ("enum", "const", "default", "examples") else
+                 [tighten_schema(item, in_all_of=True) for item in value] if key == "allOf" and isinstance(value, list)
+                 else tighten_schema(value) for key, value in schema.items()}
     kinds = schema.get("type")
     kinds = kinds if isinstance(kinds, list) else [kinds]
     if "integer" in kinds or "number" in kinds:
         low = _number(schema.get("minimum", schema.get("exclusiveMinimum")))
         high = _number(schema.get("maximum", schema.get("exclusiveMaximum")))
         if "maximum" not in schema and "exclusiveMaximum" not in schema and (low is None or low < NUMBER_BOUND):
-            bounded["maximum"] = NUMBER_BOUND
+            tightened["maximum"] = NUMBER_BOUND
         if "minimum" not in schema and "exclusiveMinimum" not in schema and (high is None or high > -NUMBER_BOUND):
-            bounded["minimum"] = -NUMBER_BOUND
-    return bounded
+            tightened["minimum"] = -NUMBER_BOUND
+    if (isinstance(schema.get("properties"), dict) and not in_all_of and "allOf" not in schema
+            and not any(key in schema for key in OPEN_OBJECT_KEYS)):
+        tightened["additionalProperties"] = False
+    return tightened
 
 
 def _number(value: Any) -> float | None:
@@ -156,7 +171,7 @@ def grammar_source(spec: StructuredOutputs) -> str:
     import llguidance
 
     if spec.json is not None or spec.json_object:
-        schema = bound_numbers(spec.json) if spec.json is not None else {"type": "object"}
+        schema = tighten_schema(spec.json) if spec.json is not None else {"type": "object"}
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as error:
@@ -188,6 +203,7 @@ class GrammarCompiler:
         self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._ll_tokenizer = None
         self._limits = None
+        self._closing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -208,6 +224,21 @@ class GrammarCompiler:
             while len(self._compiled) > COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
         return template
+
+    def closing_tokens(self, in_string: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids of the tokens that close what is open in JSON (in a string, a quote and the brackets after
+        it: ``"`` ``"}`` ``"]}``...; outside one, closing brackets ``}`` ``]]``... and EOS), then those of
+        one ASCII punctuation character (what moves a pattern such as an e-mail address on to its end)."""
+        if self._closing is None:
+            ll_tokenizer, _ = self._library_tokenizer()
+            texts = {i: ll_tokenizer.decode_bytes([i]) for i in range(ll_tokenizer.vocab_size)
+                     if not ll_tokenizer.is_special_token(i)}
+            quote = [i for i, text in texts.items() if re.fullmatch(rb'"[\]}]*', text)]
+            brackets = [i for i, text in texts.items() if re.fullmatch(rb"[\]}]+", text)]
+            punctuation = [i for i, text in texts.items() if re.fullmatch(rb"[!-/:-@\[-`{-~]", text)]
+            self._closing = (torch.tensor(sorted({*brackets, *self.tokenizer.eos_token_ids}), dtype=torch.long),
+                             torch.tensor(quote, dtype=torch.long), torch.tensor(punctuation, dtype=torch.long))
+        return self._closing[in_string], self._closing[2]
 
     def new_matcher(self, spec: StructuredOutputs):
         return self.compile(spec).deep_copy()
@@ -328,6 +359,35 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     index = torch.tensor(rows, device=logits.device)
     allowed = allowed_tokens(bitmask, logits.shape[-1]).to(logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+# A JSON-constrained sequence this close to its token budget is steered to close what it has open: a
+# small model otherwise writes a string until max_tokens and the JSON never parses (the demo model, 20
+# schemas x 8 answers at temperature 0.8 and 256 tokens: 16 answers cut short without, 2 with).
+CLOSING_WINDOW = 32
+
+
+def closing_window(max_tokens: int | None) -> int:
+    return CLOSING_WINDOW if max_tokens is None else min(CLOSING_WINDOW, max(1, max_tokens // 4))
+
+
+def in_json_string(text: str) -> bool:
+    """Whether JSON text ends inside a string (an odd number of unescaped quotes)."""
+    quotes = len(re.findall(r'(?<!\\)(?:\\\\)*"', text))
+    return quotes % 2 == 1
+
+
+def steer_to_close(row: torch.Tensor, preferred: tuple[torch.Tensor, ...]) -> None:
+    """In place on one masked logits row [V]: the first of the ``preferred`` token sets of which the
+    grammar allows some is all that stays (sampled among by the model's own odds); with none allowed (a
+    key, a digit the grammar needs) the row is unchanged."""
+    for tokens in preferred:
+        tokens = tokens[tokens < row.shape[0]].to(row.device)
+        kept = row[tokens]
+        if bool(torch.isfinite(kept).any()):
+            row.fill_(float("-inf"))
+            row[tokens] = kept
+            return
 
 
 class MaskFiller:

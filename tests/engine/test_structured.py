@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nemolite import LLM, SamplingParams
 from nemolite.engine import structured
 from nemolite.engine.structured import (GrammarCompiler, MaskFiller, StructuredOutputs, allowed_tokens,
-                                        apply_token_bitmask, bound_numbers)
+                                        apply_token_bitmask, tighten_schema)
 from nemolite.errors import NemoliteError
 from nemolite.tokenizer import Tokenizer
 
@@ -178,12 +178,46 @@ def test_the_mask_kernel_equals_the_torch_path():
             assert torch.equal(logits, expected)
 
 
+def test_listed_properties_close_an_object_unless_the_schema_opens_it():
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"x": {"type": "string"}}},
+                                               "b": {"type": "object", "properties": {}, "additionalProperties": True},
+                                               "c": {"allOf": [{"properties": {"p": {}}}, {"properties": {"q": {}}}]},
+                                               "d": {"type": "object"}}}
+    tightened = tighten_schema(schema)
+    assert tightened["additionalProperties"] is False
+    properties = tightened["properties"]
+    assert properties["a"]["additionalProperties"] is False
+    assert properties["b"]["additionalProperties"] is True
+    assert all("additionalProperties" not in member for member in properties["c"]["allOf"])
+    assert properties["d"] == {"type": "object"}
+
+
 def test_unbounded_numbers_get_bounds_and_given_ones_stay():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "number", "minimum": 2},
                                                "c": {"type": ["integer", "null"], "maximum": -10**16},
                                                "d": {"enum": [{"type": "integer"}]}}}
-    bounded = bound_numbers(schema)["properties"]
+    bounded = tighten_schema(schema)["properties"]
     assert bounded["a"] == {"type": "integer", "maximum": 10**15, "minimum": -10**15}
     assert bounded["b"] == {"type": "number", "minimum": 2, "maximum": 10**15}
     assert bounded["c"] == {"type": ["integer", "null"], "maximum": -10**16}  # a lower bound would contradict it
     assert bounded["d"] == {"enum": [{"type": "integer"}]}  # data, not a schema
+
+
+def test_json_near_its_token_budget_is_steered_to_close(llm):
+    schema = {"type": "object", "required": ["summary", "items"],
+              "properties": {"summary": {"type": "string"}, "items": {"type": "array", "items": {"type": "string"}}}}
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Summarise as JSON."}])
+    outputs = llm.generate([prompt], SamplingParams(n=8, temperature=0.8, seed=7, max_tokens=40,
+                                                    structured_outputs={"json": schema}), use_tqdm=False)[0].outputs
+    for completion in outputs:  # unsteered, most of these wrote the summary string until max_tokens
+        assert completion.finish_reason == "stop"
+        jsonschema.validate(json.loads(completion.text), schema)
+    regex = llm.generate([prompt], SamplingParams(temperature=0.8, seed=7, max_tokens=12,
+                                                  structured_outputs={"regex": "[a-z]{300}"}), use_tqdm=False)
+    assert regex[0].outputs[0].finish_reason == "length"  # only JSON is steered
+
+
+@pytest.mark.parametrize("text, inside", [('{"a": "x', True), ('{"a": "x\\"', True), ('{"a": "x\\\\"', False),
+                                          ('{"a": "x"', False), ('["a", "', True), ("", False)])
+def test_in_json_string(text, inside):
+    assert structured.in_json_string(text) is inside
