@@ -1,7 +1,9 @@
 """Where SDG requests go: an OpenAI-compatible server or an in-process ``AsyncLLM``, for generation
 and for reward scoring. The pipelines see one shape either way: ``chat(messages, sampling, seed)``
 returns {text, prompt_tokens, completion_tokens, finish_reason}; ``score(messages)`` returns
-{attributes, score} (the last message is the assistant response being scored).
+{attributes, score} (the last message is the assistant response being scored). A chat backend's
+``structured_lists`` says whether its engine is nemolite's, whose structured output (the sampling
+field ``structured_outputs``) the list stages use to get JSON arrays they need not reformat.
 
 HTTP calls retry what a busy or restarting server answers (429, 5xx, refused connections,
 timeouts) with exponential backoff and jitter, a bounded number of times; any other 4xx fails that
@@ -11,6 +13,7 @@ request at once with the server's message (retrying a bad request cannot help).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -93,15 +96,27 @@ class OpenAIChat:
     def __init__(self, endpoint: str, api_key: str | None = None, model: str | None = None, **retry):
         self.http = HttpClient(endpoint, api_key, **retry)
         self.model = model
+        self.structured_lists = False  # known after start()
 
     async def start(self) -> None:
-        """Without a model name, ask the server which it serves (vLLM and NIM require one)."""
-        if self.model is None:
+        """Read ``/v1/models``: without a model name, which model the server serves (vLLM and NIM require
+        one); and whether that model is nemolite's (``owned_by: "nemolite"``), whose chat completions take
+        ``structured_outputs``. With a model name, a listing the server refuses (404: it has none), that is
+        not JSON or that lacks the model only means no structured lists; one that still fails after the
+        retries (the server is down) fails the start, as the first request would."""
+        try:
             listing = await self.http.request("GET", "/v1/models")
-            models = listing.get("data") if isinstance(listing, dict) else None
+        except (RequestFailed, json.JSONDecodeError, UnicodeDecodeError):  # the last two: not JSON
+            if self.model is None:
+                raise
+            listing = None
+        models = listing.get("data") if isinstance(listing, dict) else None
+        if self.model is None:
             if not models:
                 raise NemoliteError(f"{self.http.base}/v1/models lists no model; give --model NAME")
             self.model = models[0]["id"]
+        entry = next((m for m in models or () if isinstance(m, dict) and m.get("id") == self.model), None)
+        self.structured_lists = entry is not None and entry.get("owned_by") == "nemolite"
 
     @property
     def name(self) -> str:
@@ -129,6 +144,8 @@ class OpenAIChat:
 
 class InProcessChat:
     """The same requests run on an ``AsyncLLM`` in this process (no server)."""
+
+    structured_lists = True  # the sampling dict becomes SamplingParams, structured_outputs included
 
     def __init__(self, engine, name: str = "in-process"):
         self.engine, self.name = engine, name

@@ -23,7 +23,7 @@ from nemolite.errors import NemoliteError
 from nemolite.sdg.backends import REQUEST_STATUSES, RequestFailed
 from nemolite.sdg.config import count, render
 from nemolite.sdg.dedup import Deduper, node_prefix
-from nemolite.sdg.lists import ListStats, ask_for_list
+from nemolite.sdg.lists import ListStats, ask_for_list, list_schema
 from nemolite.sdg.lookahead import Lookahead
 from nemolite.sdg.quality import failed_thresholds, parse_filter
 from nemolite.sdg.report import Progress, Summary
@@ -44,6 +44,8 @@ class Run:
         self.num_shards, self.shard_id = num_shards, shard_id
         self.thresholds = parse_filter(config["filter"])
         self.list_stats = ListStats()
+        # List requests ask for a JSON array where the engine is nemolite's (backends.structured_lists).
+        self.structured_lists = bool(getattr(llm, "structured_lists", False))
         self.deduper = Deduper(pipeline.dedup_keys())
         self.summary = Summary(pipeline.name, str(out))
         self.window, self.reward_window = Window(concurrency), Window(concurrency)
@@ -74,9 +76,13 @@ class Run:
 
     # ------------------------------------------------------------------------------------ requests
 
-    async def chat(self, node: Node, stage: str, messages: list[dict], attempt: str = "") -> str:
-        """One generation, replayed from the cache when this exact request was answered before."""
+    async def chat(self, node: Node, stage: str, messages: list[dict], attempt: str = "",
+                   schema: dict | None = None) -> str:
+        """One generation, replayed from the cache when this exact request was answered before; with
+        ``schema`` (a JSON schema) the answer is structured output that follows it."""
         sampling = self.settings["sampling"]
+        if schema is not None:
+            sampling = {**sampling, "structured_outputs": {"json": schema}}
         seed = request_seed(self.seed, node.id, stage, attempt)
         key = RequestCache.key("chat", stage, messages, sampling, seed)
         answer = self.cache.get(key)
@@ -116,16 +122,22 @@ class Run:
     async def ask_list(self, node: Node, stage: str, template: str, size_key: str, **fields: Any) -> list[str]:
         """Up to ``settings[size_key]`` items from the model for ``template`` (see lists.ask_for_list).
         The top-level list multiplies the whole run and holds it up, so a weak model that lists one
-        item per answer gets four times the attempts at it, asked at once."""
+        item per answer gets four times the attempts at it, asked at once. A backend that supports it
+        is asked for a JSON array of ``n`` strings (lists.list_schema), which needs no reformatting."""
         n = count(self.settings, size_key)
         attempts = count(self.config, "list_attempts")
+        max_item_chars = count(self.config, "max_item_chars")
+        schema = None
+        if self.structured_lists:
+            max_tokens = self.settings["sampling"].get("max_tokens")
+            schema = list_schema(n, max_item_chars, max_tokens if isinstance(max_tokens, int) else None)
         return await ask_for_list(
-            lambda messages, attempt: self.chat(node, stage, messages, attempt),
+            lambda messages, attempt, schema=None: self.chat(node, stage, messages, attempt, schema),
             render(self.config, template, n=n, **fields), n,
             lambda answer: render(self.config, "reformat_list", answer=answer),
             attempts=attempts if node.path else 4 * attempts, parallel=not node.path,
             reformat_attempts=count(self.config, "reformat_attempts", 0), stats=self.list_stats,
-            max_item_chars=count(self.config, "max_item_chars"))
+            max_item_chars=max_item_chars, schema=schema)
 
     # ------------------------------------------------------------------------------------ the tree
 

@@ -15,7 +15,8 @@ TINY = {"sampling": {"max_tokens": 24}, "list_attempts": 2, "reformat_attempts":
         "closed-qa": {"n_instructions": 2, "documents": ["A deque supports fast appends at both ends."]},
         "math": {"n_macro_topics": 1, "n_subtopics": 1, "n_problems": 2},
         "python": {"n_macro_topics": 1, "n_subtopics": 1, "n_problems": 2},
-        "dialogue": {"n_questions": 1, "n_user_turns": 3, "topics": ["Cooking"], "sampling": {"max_tokens": 24}},
+        "dialogue": {"n_questions": 1, "n_user_turns": 3, "topics": ["Cooking", "Travel"],
+                     "sampling": {"max_tokens": 24}},
         "two-turn": {"n_questions": 1, "topics": ["Cooking", "Travel"], "sampling": {"max_tokens": 24}},
         "preference": {"k": 2, "prompts": [{"prompt": "What is 2 + 2?", "answer": "4"}, "Name a colour."]}}
 

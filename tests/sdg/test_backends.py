@@ -82,17 +82,19 @@ def test_429_and_5xx_are_retried_then_succeed(scripted_server):
 def test_400_fails_at_once_with_the_servers_message(scripted_server):
     url, state = scripted_server
     state.bodies.clear()
-    state.script[:] = [400]
+    state.script[:] = [200, 400]  # /v1/models (read for owned_by, even with a named model), then the chat
     with pytest.raises(RequestFailed, match="scripted 400") as error:
-        chat_once(url, model="named")  # a named model skips /v1/models
-    assert error.value.status == 400 and len(state.bodies) == 1
+        chat_once(url, model="named")
+    assert error.value.status == 400 and len(state.bodies) == 2
 
 
 def test_retries_are_bounded(scripted_server):
     url, state = scripted_server
-    state.script[:] = [500] * 3
-    with pytest.raises(NemoliteError, match="failed 3 times, last with HTTP 500: scripted 500"):
-        chat_once(url, model="named", attempts=3)
+    for script in ([500] * 3, [200] + [500] * 3):  # /v1/models (read even with a named model), then the chat
+        state.script[:] = script
+        with pytest.raises(NemoliteError, match="failed 3 times, last with HTTP 500: scripted 500"):
+            chat_once(url, model="named", attempts=3)
+        assert not state.script
 
 
 def test_connection_errors_are_retried_then_reported():
