@@ -110,7 +110,11 @@ class AsyncLLM:
                        lora_request=None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request as it progresses; leaving early aborts the request.
         With ``stream=False`` only the first output with a token and the final one come (no wake-up
-        per step for a caller that wants the end result)."""
+        per step for a caller that wants the end result). A structured output's grammar is compiled on a
+        worker thread first, so that neither the engine nor the event loop waits for it."""
+        if params.structured_outputs is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.compile,
+                                                             params.structured_outputs)
         request = self.add_request(prompt_token_ids, params, prompt, request_id, stream, lora_request=lora_request)
         try:
             async for output in request:

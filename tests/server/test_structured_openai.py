@@ -154,3 +154,27 @@ def test_bad_constraints_are_400s_and_the_server_goes_on(client, extra, words):
     assert words in str(caught.value)
     answer = ask(client, seed=9, extra_body={"guided_choice": ["ok"]})
     assert answer.choices[0].message.content == "ok"
+
+
+def test_async_generate_compiles_off_the_engine_and_loop_threads(demo_engine, monkeypatch):
+    import asyncio
+    import threading
+
+    from nemolite.engine.sampling_params import SamplingParams
+
+    grammars = demo_engine.engine.grammars
+    threads = []
+    build = grammars._build
+    monkeypatch.setattr(grammars, "_build", lambda spec: threads.append(threading.current_thread()) or build(spec))
+    params = SamplingParams(temperature=0.8, max_tokens=30, structured_outputs={"regex": "[a-c]{3}-[0-9]{2} x"})
+
+    async def run():
+        final = None
+        async for final in demo_engine.generate(demo_engine.tokenizer.encode("Code:"), params, stream=False):
+            pass
+        return final, threading.current_thread()
+
+    final, loop_thread = asyncio.run(run())
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2} x", final.outputs[0].text)
+    (thread,) = threads
+    assert thread is not loop_thread and "engine" not in thread.name
