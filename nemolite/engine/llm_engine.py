@@ -31,8 +31,8 @@ from nemolite.engine.sampler import apply_penalties, make_generator, needs_proce
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.engine.scheduler import ScheduledBatch, Scheduler
 from nemolite.engine.sequence import Sequence
-from nemolite.engine.structured import (GrammarCompiler, MaskFiller, accept, apply_token_bitmask, closing_window,
-                                       in_json_string, is_finished, steer_to_close)
+from nemolite.engine.structured import (GrammarCompiler, MaskFiller, SequenceGrammar, apply_token_bitmask,
+                                       closing_window, steer_to_close)
 from nemolite.engine.validation import RequestLimits, validate_request
 from nemolite.errors import NemoliteError
 from nemolite.model import CausalLM
@@ -174,7 +174,8 @@ class LLMEngine:
                            make_generator(self._seed(params, index), self.device), lora_id, salt)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             seq.waits_for = seqs[0] if seqs else None
-            seq.grammar = grammar.deep_copy() if grammar is not None else None
+            if grammar is not None:
+                seq.grammar = SequenceGrammar(grammar.deep_copy(), params.structured_outputs.closes_as_json)
             seqs.append(seq)
         self.requests[request_id] = Request(request_id, prompt, list(prompt_token_ids), seqs)
         for seq in seqs:
@@ -298,7 +299,7 @@ class LLMEngine:
                        if seq.grammar is not None and seq.num_computed_tokens + num_tokens == len(seq)]
         if not constrained:
             return {}
-        future = self._masks.start([seq.grammar for seq in constrained])
+        future = self._masks.start([seq.grammar.matcher for seq in constrained])
         return {seq.seq_id: (future, row) for row, seq in enumerate(constrained)}
 
     def _apply_masks(self, logits: torch.Tensor, samplers: list[Sequence], masks: dict[int, tuple]) -> None:
@@ -308,15 +309,20 @@ class LLMEngine:
             return
         bitmask = torch.stack([masks[samplers[row].seq_id][0].result()[masks[samplers[row].seq_id][1]]
                                for row in rows])
+        near_end = [index for index, row in enumerate(rows) if self._near_budget(samplers[row])]
+        if near_end:
+            steered = bitmask[near_end]
+            steer_to_close(steered, [samplers[rows[i]].grammar.in_string(samplers[rows[i]].output.text) for i in near_end],
+                           self.grammars.closing_bitmasks())
+            bitmask[near_end] = steered
         apply_token_bitmask(logits, bitmask, rows)
-        for row in rows:
-            seq = samplers[row]
-            left = self.config.max_position_embeddings - len(seq)
-            if seq.params.max_tokens is not None:
-                left = min(left, seq.params.max_tokens - seq.num_output_tokens)
-            if left <= closing_window(seq.params.max_tokens) and seq.params.structured_outputs.closes_as_json:
-                in_string = in_json_string(seq.output.text)
-                steer_to_close(logits[row], self.grammars.closing_tokens(in_string))
+
+    def _near_budget(self, seq: Sequence) -> bool:
+        """A JSON-constrained sequence close enough to its token budget to be steered to close."""
+        left = self.config.max_position_embeddings - len(seq)
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - seq.num_output_tokens)
+        return seq.grammar.is_json and left <= closing_window(seq.params.max_tokens)
 
     def _process(self, batch: ScheduledBatch, step: StepLogits, moved: dict[str, Request],
                  masks: dict[int, tuple] | None = None) -> None:
@@ -374,9 +380,9 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprob: float, top, full) -> bool:
         if seq.grammar is not None:
-            accept(seq.grammar, token)
+            seq.grammar.accept(token)
         finished = self.output_processor.append_token(seq, token, logprob, top, full)
-        if seq.grammar is not None and seq.output.finish_reason in (None, "length") and is_finished(seq.grammar):
+        if seq.grammar is not None and seq.output.finish_reason in (None, "length") and seq.grammar.finished:
             seq.output.finish_reason = "stop"  # the structure is complete (with its budget's last token, too)
             finished = True
         if finished:

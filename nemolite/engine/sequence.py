@@ -48,7 +48,7 @@ class Sequence:
         self.reward: list[float] | None = None  # a reward model's attributes for the prompt (SamplingParams.reward)
         self.lora_id = lora_id  # the LoRA adapter it runs with (0: the base model)
         self.cache_salt = cache_salt  # what else than its tokens decides its K/V (the adapter): prefix-cache keys
-        self.grammar = None  # its structured output's matcher (nemolite.engine.structured), past its tokens
+        self.grammar = None  # its structured output (nemolite.engine.structured.SequenceGrammar)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -203,7 +203,7 @@ class GrammarCompiler:
         self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._ll_tokenizer = None
         self._limits = None
-        self._closing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._closing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -225,20 +225,22 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
         return template
 
-    def closing_tokens(self, in_string: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ids of the tokens that close what is open in JSON (in a string, a quote and the brackets after
-        it: ``"`` ``"}`` ``"]}``...; outside one, closing brackets ``}`` ``]]``... and EOS), then those of
-        one ASCII punctuation character (what moves a pattern such as an e-mail address on to its end)."""
+    def closing_bitmasks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bitmasks [W] (the library's layout) of the tokens that close what is open in JSON: outside a
+        string, closing brackets (``}`` ``]]``...) and EOS; in a string, a quote and the brackets after it
+        (``"`` ``"}`` ``"]}``...); then tokens of one ASCII punctuation character (what moves a pattern
+        such as an e-mail address on towards its end)."""
         if self._closing is None:
             ll_tokenizer, _ = self._library_tokenizer()
             texts = {i: ll_tokenizer.decode_bytes([i]) for i in range(ll_tokenizer.vocab_size)
                      if not ll_tokenizer.is_special_token(i)}
-            quote = [i for i, text in texts.items() if re.fullmatch(rb'"[\]}]*', text)]
             brackets = [i for i, text in texts.items() if re.fullmatch(rb"[\]}]+", text)]
+            quote = [i for i, text in texts.items() if re.fullmatch(rb'"[\]}]*', text)]
             punctuation = [i for i, text in texts.items() if re.fullmatch(rb"[!-/:-@\[-`{-~]", text)]
-            self._closing = (torch.tensor(sorted({*brackets, *self.tokenizer.eos_token_ids}), dtype=torch.long),
-                             torch.tensor(quote, dtype=torch.long), torch.tensor(punctuation, dtype=torch.long))
-        return self._closing[in_string], self._closing[2]
+            self._closing = tuple(token_bitmask([*brackets, *self.tokenizer.eos_token_ids], ll_tokenizer.vocab_size)
+                                  if kind is brackets else token_bitmask(kind, ll_tokenizer.vocab_size)
+                                  for kind in (brackets, quote, punctuation))
+        return self._closing
 
     def new_matcher(self, spec: StructuredOutputs):
         return self.compile(spec).deep_copy()
@@ -371,23 +373,26 @@ def closing_window(max_tokens: int | None) -> int:
     return CLOSING_WINDOW if max_tokens is None else min(CLOSING_WINDOW, max(1, max_tokens // 4))
 
 
-def in_json_string(text: str) -> bool:
-    """Whether JSON text ends inside a string (an odd number of unescaped quotes)."""
-    quotes = len(re.findall(r'(?<!\\)(?:\\\\)*"', text))
-    return quotes % 2 == 1
+def token_bitmask(token_ids: list[int], vocab_size: int) -> torch.Tensor:
+    """The int32 bitmask [W] (token t: bit t % 32 of word t // 32) of ``token_ids``."""
+    bits = torch.zeros(bitmask_width(vocab_size) * 32, dtype=torch.bool)
+    bits[[t for t in token_ids if 0 <= t < vocab_size]] = True
+    return (bits.view(-1, 32).int() * _BITS).sum(1, dtype=torch.int32)
 
 
-def steer_to_close(row: torch.Tensor, preferred: tuple[torch.Tensor, ...]) -> None:
-    """In place on one masked logits row [V]: the first of the ``preferred`` token sets of which the
-    grammar allows some is all that stays (sampled among by the model's own odds); with none allowed (a
-    key, a digit the grammar needs) the row is unchanged."""
-    for tokens in preferred:
-        tokens = tokens[tokens < row.shape[0]].to(row.device)
-        kept = row[tokens]
-        if bool(torch.isfinite(kept).any()):
-            row.fill_(float("-inf"))
-            row[tokens] = kept
-            return
+def steer_to_close(bitmask: torch.Tensor, in_string: list[bool], closing: tuple[torch.Tensor, ...]) -> None:
+    """In place on bitmask rows [k, W] of sequences near their budget: keep only the tokens of the first
+    preferred set the grammar allows some of (in a string: closing quotes, outside: closing brackets and
+    EOS; then single punctuation), so that the model chooses among those by its own odds; a row whose
+    grammar allows none of them (a key, a digit it needs) is unchanged."""
+    brackets, quote, punctuation = closing
+    first = torch.where(torch.tensor(in_string)[:, None], quote, brackets)
+    steered = torch.zeros(bitmask.shape[0], dtype=torch.bool)
+    for preferred in (first, punctuation.expand_as(bitmask)):
+        kept = bitmask & preferred
+        use = kept.ne(0).any(1) & ~steered
+        bitmask.copy_(torch.where(use[:, None], kept, bitmask))
+        steered |= use
 
 
 class MaskFiller:
@@ -459,14 +464,36 @@ class _Deferred:
         return self._result
 
 
-def accept(matcher, token: int) -> None:
-    """Advance ``matcher`` past a sampled token; NemoliteError if the grammar did not allow it."""
-    if not matcher.consume_token(token):
-        raise NemoliteError(f"structured output: token {token} does not continue the grammar "
-                            f"({_first_line(matcher.get_error())}); nothing the grammar allows was left "
-                            "to sample (check allowed_token_ids, logit_bias and min_tokens against it)")
+class SequenceGrammar:
+    """One sequence's structured output: its matcher, past the sequence's tokens, and for JSON whether its
+    text ends inside a string (scanned as the text grows, for the near-budget steer)."""
 
+    __slots__ = ("matcher", "is_json", "_scanned", "_in_string", "_escaped")
 
-def is_finished(matcher) -> bool:
-    """The grammar is complete and nothing may follow (the sequence ends with finish_reason "stop")."""
-    return matcher.is_stopped()
+    def __init__(self, matcher, is_json: bool):
+        self.matcher, self.is_json = matcher, is_json
+        self._scanned, self._in_string, self._escaped = 0, False, False
+
+    def accept(self, token: int) -> None:
+        """Advance past a sampled token; NemoliteError if the grammar did not allow it."""
+        if not self.matcher.consume_token(token):
+            raise NemoliteError(f"structured output: token {token} does not continue the grammar "
+                                f"({_first_line(self.matcher.get_error())}); nothing the grammar allows was "
+                                "left to sample (check allowed_token_ids, logit_bias and min_tokens against it)")
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and nothing may follow (the sequence ends with finish_reason "stop")."""
+        return self.matcher.is_stopped()
+
+    def in_string(self, text: str) -> bool:
+        """Whether JSON ``text`` (this sequence's output so far, which only grows) ends inside a string."""
+        for char in text[self._scanned:]:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\" and self._in_string:
+                self._escaped = True
+            elif char == '"':
+                self._in_string = not self._in_string
+        self._scanned = len(text)
+        return self._in_string

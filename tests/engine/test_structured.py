@@ -219,5 +219,8 @@ def test_json_near_its_token_budget_is_steered_to_close(llm):
 
 @pytest.mark.parametrize("text, inside", [('{"a": "x', True), ('{"a": "x\\"', True), ('{"a": "x\\\\"', False),
                                           ('{"a": "x"', False), ('["a", "', True), ("", False)])
-def test_in_json_string(text, inside):
-    assert structured.in_json_string(text) is inside
+def test_the_json_string_scan(text, inside):
+    whole = structured.SequenceGrammar(None, is_json=True)
+    assert whole.in_string(text) is inside
+    grown = structured.SequenceGrammar(None, is_json=True)  # fed as the text grows, a character at a time
+    assert [grown.in_string(text[:end]) for end in range(len(text) + 1)][-1] is inside
