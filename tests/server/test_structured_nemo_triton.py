@@ -17,6 +17,7 @@ from nemolite import NemoQuery
 from nemolite.nemo_query import NemoQueryError
 
 from tests.server.conftest import MODEL_NAME
+from tests.server.test_triton import client, strings, tensor  # noqa: F401 - client is a fixture
 
 SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 10},
@@ -105,22 +106,6 @@ def test_nemo_bad_structured_fields_are_400_and_the_server_stays_up(live_server,
 
 
 # ---------------------------------------------------------------- Triton
-
-@pytest.fixture
-def client(live_server):
-    with triton_http.InferenceServerClient(f"127.0.0.1:{live_server.port}") as client:
-        yield client
-
-
-def strings(values) -> np.ndarray:
-    return np.array([[v.encode()] for v in values], dtype=object)
-
-
-def tensor(name, datatype, array, binary=True) -> triton_http.InferInput:
-    tensor = triton_http.InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array, binary_data=binary)
-    return tensor
-
 
 def sampled(batch: int, max_tokens: int) -> list[triton_http.InferInput]:
     return [tensor("max_output_len", "INT64", np.full((batch, 1), max_tokens, np.int64)),
