@@ -475,8 +475,10 @@ def _chat_message(tool_plan: "tools.ToolPlan | None", completion: CompletionOutp
 
 async def _stream_chat(state: ServerState, body: ChatCompletionRequest, job: Job, streams, request_id: str,
                        created: int, tool_plan: "tools.ToolPlan | None" = None) -> AsyncIterator[str]:
-    """Content deltas as they come; with tools the answer is held until it ends, then sent as
-    ``tool_calls`` deltas (one per call, its arguments whole) or as one content delta."""
+    """Content deltas as they come. An answer that may be a tool call (any with a named or required
+    tool_choice; with auto, one whose text starts as a call does: ``{`` or ``<|python_tag|>``) is held
+    until it ends, then sent as ``tool_calls`` deltas (one per call, its arguments whole) or as one
+    content delta; an auto answer that starts as text streams as text."""
     model = _served_name(state, body.model)
 
     def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
@@ -491,13 +493,26 @@ async def _stream_chat(state: ServerState, body: ChatCompletionRequest, job: Job
     closed = [False] * body.n
     completion_tokens = 0
     ids = job.prompt_token_ids
+    # Per choice: held as a possible call (True), streamed as text (False), or not known yet (None).
+    held: list[bool | None] = [None if tool_plan is not None and tool_plan.mode == "auto" else tool_plan is not None
+                               for _ in range(body.n)]
     async for _, output in state.merged([job], streams):
         for completion in output.outputs:
             index = completion.index
             if closed[index]:
                 continue
             finished = completion.finish_reason is not None
-            if tool_plan is not None:
+            if held[index] is None:
+                start = completion.text.lstrip()
+                if start.startswith(("{", tools.PYTHON_TAG)) or (finished and not start):
+                    held[index] = True
+                elif start and not tools.PYTHON_TAG.startswith(start):
+                    held[index] = False
+                elif not finished:
+                    continue
+                else:
+                    held[index] = True
+            if held[index]:
                 if not finished:
                     continue
                 message, finish_reason = _chat_message(tool_plan, completion)

@@ -178,3 +178,13 @@ def test_async_generate_compiles_off_the_engine_and_loop_threads(demo_engine, mo
     assert re.fullmatch(r"[a-c]{3}-[0-9]{2} x", final.outputs[0].text)
     (thread,) = threads
     assert thread is not loop_thread and "engine" not in thread.name
+
+
+def test_auto_tool_choice_streams_a_text_answer_as_text(client):
+    with_tools = list(client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Tell me about files."}], temperature=0.8,
+        seed=12, max_tokens=40, stream=True, tools=[WEATHER], tool_choice="auto"))
+    deltas = [c.choices[0].delta.content for c in with_tools if c.choices and c.choices[0].delta.content]
+    assert not "".join(deltas).lstrip().startswith("{")  # the demo model answers this in prose
+    assert len(deltas) > 3  # streamed as it came, not held to the end
+    assert with_tools[-1].choices[0].finish_reason in ("stop", "length")
