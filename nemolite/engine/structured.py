@@ -2,11 +2,11 @@
 
 The one module that knows the grammar library (llguidance: https://github.com/guidance-ai/llguidance).
 The rest of the engine sees three calls, as in vLLM's ``structured_output`` backends
-(https://github.com/vllm-project/vllm/tree/main/vllm/v1/structured_output): ``compile`` a request's
-``StructuredOutputs`` once (cached by its text) into a template matcher that every sequence copies;
-``MaskFiller.start`` the token bitmasks of a step's constrained sequences on a worker thread while the
-forward pass runs (the library drops the GIL); ``accept`` each sampled token. The sampler only sees a
-boolean mask (``allowed_tokens``).
+(https://github.com/vllm-project/vllm/tree/main/vllm/v1/structured_output): ``GrammarCompiler.compile``
+a request's ``StructuredOutputs`` once (cached by its text) into a template matcher that every sequence
+copies into its ``SequenceGrammar``; ``MaskFiller.start`` the token bitmasks of a step's constrained
+sequences (see MaskFiller for where they are computed); ``SequenceGrammar.accept`` each sampled token.
+The logits only meet the bitmask, in ``apply_token_bitmask``.
 
 Why llguidance over xgrammar 0.2.9 (both measured on the demo vocabulary, random walks through the
 mask, 100 answers over 5 schemas): xgrammar let raw control characters (\\x00, \\x0b, \\x1c) into JSON
@@ -204,10 +204,6 @@ class GrammarCompiler:
         self._ll_tokenizer = None
         self._limits = None
         self._closing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
 
     def compile(self, spec: StructuredOutputs):
         """A template matcher of ``spec`` (copy it for each sequence: ``new_matcher``); NemoliteError names

@@ -25,7 +25,6 @@ from fastapi import APIRouter, Request
 from nemolite.engine.outputs import RequestOutput
 from nemolite.engine.sampling_params import SamplingParams
 from nemolite.engine.structured import StructuredOutputs
-from nemolite.errors import NemoliteError
 from nemolite.json_body import valid_unicode
 from nemolite.server.state import (LOGPROB_FLOOR, Job, RequestError, ServerState, engine_call, json_logprob,
                                    read_json_object, state_of)
@@ -157,10 +156,7 @@ def _parse_structured(data: dict) -> StructuredOutputs | None:
 def structured_outputs(fields: Any) -> StructuredOutputs:
     """StructuredOutputs of vLLM-named ``fields`` (exactly one of json, regex, choice, grammar, json_object),
     or a 400 naming what is wrong. Only the spec is checked here; ServerState.compile_grammars compiles it."""
-    try:
-        return StructuredOutputs.of(fields)
-    except NemoliteError as error:
-        raise RequestError(str(error)) from None
+    return engine_call(StructuredOutputs.of, fields)
 
 
 def nemo_sampling_params(state: ServerState, prompt_length: int, *, tokens: int, min_tokens: int, greedy: bool,
