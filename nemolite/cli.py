@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-full-logprob-values", type=int, default=defaults.max_full_logprob_values,
                         help="positions x vocabulary of whole-distribution outputs (NeMo all_probs) per request "
                              f"(default {defaults.max_full_logprob_values})")
+    serve.add_argument("--no-playground", action="store_true",
+                       help="do not serve the playground web page at / (chat, completion, live metrics)")
     serve.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     serve.add_argument("--reward-weights", default=None, metavar="W,W,...|NAME=W,...",
                        help="a reward model's attribute weights for its scalar score: one number per attribute, or "
@@ -384,9 +386,11 @@ def run_serve(args) -> int:
     doors = ("reward model: POST /v1/reward, /v1/chat/completions, Triton reward_model"
              if engine.config.is_reward_model else "NeMo PUT /generate, OpenAI /v1, Triton /v2")
     log.info("serving %r on http://%s:%d (%s)", name, args.host, args.port, doors)
+    if not args.no_playground:
+        log.info("playground: http://%s:%d/", "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, args.port)
     serve(engine, name, args.host, args.port, api_key=api_key, max_queue=max_queue, reward_weights=weights,
           max_request_bytes=max_request_bytes, lora_modules=lora_modules(args.lora_modules, args.lora_dir),
-          allow_runtime_lora=args.allow_runtime_lora)
+          allow_runtime_lora=args.allow_runtime_lora, enable_playground=not args.no_playground)
     return 0
 
 

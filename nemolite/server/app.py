@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from nemolite.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from nemolite.errors import NemoliteError
 from nemolite.reward import resolve_weights
-from nemolite.server import nemo, openai, reward, triton
+from nemolite.server import nemo, openai, playground, reward, triton
 from nemolite.server.state import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, RequestError, ServerState
 
 log = logging.getLogger("nemolite.server")
@@ -117,11 +117,12 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
               max_queue: int = DEFAULT_MAX_QUEUE, shutdown_engine: bool = True,
               reward_weights: list[float] | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, lora_modules: dict[str, str] | None = None,
-              allow_runtime_lora: bool = False) -> FastAPI:
+              allow_runtime_lora: bool = False, enable_playground: bool = True) -> FastAPI:
     """The HTTP app over ``engine``; ``shutdown_engine`` stops the engine thread when the app stops.
     Per-request limits (stop strings, logprobs, sequences per request ...) are the engine's
     ``EngineArgs.limits``; ``max_queue`` counts sequences waiting beyond the running batch.
-    ``lora_modules``: adapters served by name (read and checked now; the engine needs enable_lora)."""
+    ``lora_modules``: adapters served by name (read and checked now; the engine needs enable_lora).
+    ``enable_playground``: the web page at ``/`` (nemolite.server.playground)."""
     if reward_weights is not None:
         resolve_weights(reward_weights, engine.config.reward_attributes)  # a bad --reward-weights fails at start
     if max_request_bytes < 1:
@@ -142,6 +143,7 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
         if shutdown_engine:
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
+    public = frozenset(UNAUTHENTICATED) | (playground.PUBLIC_PATHS if enable_playground else frozenset())
     app = FastAPI(title="nemolite", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.nemolite = state
 
@@ -149,7 +151,7 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
     async def guard(request: Request, call_next):
         started = time.monotonic()
         path = request.url.path
-        if api_key is not None and path not in UNAUTHENTICATED:
+        if api_key is not None and path not in public:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 response = error_response(path, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
@@ -215,6 +217,8 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
     app.include_router(openai.router)
     app.include_router(reward.router)
     app.include_router(triton.router)
+    if enable_playground:
+        app.include_router(playground.router)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
     return app
 
@@ -234,14 +238,15 @@ def _finish(request: Request, response: Response, started: float, state: ServerS
 def serve(engine: AsyncLLM, model_name: str, host: str, port: int, *, api_key: str | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, graceful_timeout: float = 30.0,
           reward_weights: list[float] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          lora_modules: dict[str, str] | None = None, allow_runtime_lora: bool = False) -> None:
+          lora_modules: dict[str, str] | None = None, allow_runtime_lora: bool = False,
+          enable_playground: bool = True) -> None:
     """Run the server until SIGINT/SIGTERM: new connections stop, in-flight requests get
     ``graceful_timeout`` seconds to finish and are then aborted, and the engine stops."""
     import uvicorn
 
     app = build_app(engine, model_name, api_key=api_key, max_queue=max_queue, reward_weights=reward_weights,
                     max_request_bytes=max_request_bytes, lora_modules=lora_modules,
-                    allow_runtime_lora=allow_runtime_lora)
+                    allow_runtime_lora=allow_runtime_lora, enable_playground=enable_playground)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=graceful_timeout)
     uvicorn.Server(config).run()

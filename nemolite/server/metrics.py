@@ -67,9 +67,13 @@ class _EngineCollector:
                                  labels=["model_name"])
         used.add_metric([self.model_name], float(stats["kv_blocks_total"] - stats["kv_blocks_free"]))
         yield used
-        for key, name, documentation in (("lora_loads", "nemolite_lora_loads", "LoRA adapters written into a slot"),
-                                         ("lora_evictions", "nemolite_lora_evictions",
-                                          "LoRA adapters that lost their slot to another")):
+        for key, name, documentation in (
+                ("prompt_tokens", "nemolite_engine_prompt_tokens", "Prompt tokens prefilled, counted every engine step"),
+                ("generation_tokens", "nemolite_engine_generation_tokens",
+                 "Tokens generated, counted every engine step (a rate that moves while requests run; "
+                 "nemolite_generation_tokens counts a request's tokens when it ends)"),
+                ("lora_loads", "nemolite_lora_loads", "LoRA adapters written into a slot"),
+                ("lora_evictions", "nemolite_lora_evictions", "LoRA adapters that lost their slot to another")):
             if key in stats:
                 counter = CounterMetricFamily(name, documentation, labels=["model_name"])
                 counter.add_metric([self.model_name], float(stats[key]))

@@ -1,0 +1,134 @@
+// The live panel: polls the server's Prometheus /metrics once a second and draws tokens/s over the
+// last three minutes, with the running and waiting requests, KV blocks used and the prefix-cache hit rate.
+
+const WINDOW_SECONDS = 180;
+const POLL_MS = 1000;
+
+// Prometheus text exposition -> {metric name: sum over its label sets}.
+export function parseMetrics(text) {
+  const values = {};
+  for (const line of text.split("\n")) {
+    if (line === "" || line.startsWith("#")) continue;
+    const match = /^([A-Za-z_:][\w:]*)(\{.*\})?\s+(\S+)/.exec(line);
+    if (!match) continue;
+    const value = Number(match[3]);
+    if (Number.isFinite(value)) values[match[1]] = (values[match[1]] || 0) + value;
+  }
+  return values;
+}
+
+function formatRate(rate) {
+  return rate >= 100 ? rate.toFixed(0) : rate.toFixed(1);
+}
+
+export class LivePanel {
+  constructor(api, elements) {
+    this.api = api;
+    this.el = elements;
+    this.samples = []; // {t: seconds, rate: tokens/s}
+    this.last = null;  // {t, tokens}
+    this.timer = null;
+    new ResizeObserver(() => this.draw()).observe(this.el.canvas);
+  }
+
+  start() {
+    if (this.timer === null) {
+      this.poll();
+      this.timer = setInterval(() => this.poll(), POLL_MS);
+    }
+  }
+
+  async poll() {
+    if (document.hidden) return;
+    let values;
+    try {
+      const response = await this.api.call("GET", "/metrics");
+      values = parseMetrics(await response.text());
+    } catch (error) {
+      this.el.error.textContent = `metrics unavailable: ${error.message}`;
+      this.el.error.hidden = false;
+      this.el.dot.classList.remove("on");
+      return;
+    }
+    this.el.error.hidden = true;
+    this.el.dot.classList.add("on");
+    this.update(values, performance.now() / 1000);
+  }
+
+  update(values, now) {
+    const tokens = values.nemolite_engine_generation_tokens_total || 0;
+    if (this.last !== null && now > this.last.t) {
+      const rate = Math.max(0, tokens - this.last.tokens) / (now - this.last.t);
+      this.samples.push({ t: now, rate });
+      while (this.samples.length && this.samples[0].t < now - WINDOW_SECONDS) this.samples.shift();
+      this.el.rateNow.textContent = formatRate(rate);
+    }
+    this.last = { t: now, tokens };
+    const total = values.nemolite_kv_cache_blocks_total || 0;
+    const used = values.nemolite_kv_cache_blocks_used || 0;
+    this.el.running.textContent = String(values.nemolite_num_requests_running ?? "–");
+    this.el.waiting.textContent = String(values.nemolite_num_requests_waiting ?? "–");
+    this.el.kv.textContent = total ? `${used} / ${total}` : "–";
+    this.el.kvMeter.style.width = total ? `${(100 * used / total).toFixed(1)}%` : "0";
+    const hits = values.nemolite_prefix_cache_hit_rate;
+    this.el.prefix.textContent = hits === undefined ? "–" : `${(100 * hits).toFixed(0)}%`;
+    this.draw(now);
+  }
+
+  draw(now = performance.now() / 1000) {
+    const canvas = this.el.canvas;
+    const ratio = window.devicePixelRatio || 1;
+    const width = canvas.clientWidth, height = canvas.clientHeight;
+    if (!width || !height) return;
+    if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+      canvas.width = Math.round(width * ratio);
+      canvas.height = Math.round(height * ratio);
+    }
+    const context = canvas.getContext("2d");
+    context.setTransform(ratio, 0, 0, ratio, 0, 0);
+    context.clearRect(0, 0, width, height);
+    const style = getComputedStyle(canvas);
+    const accent = style.getPropertyValue("--accent").trim() || "#76b900";
+    const grid = style.getPropertyValue("--grid").trim() || "rgba(128,128,128,.25)";
+    const ink = style.getPropertyValue("--muted").trim() || "#888";
+    const peak = Math.max(10, ...this.samples.map((s) => s.rate));
+    const top = niceCeiling(peak);
+    const pad = 4;
+    const y = (rate) => height - pad - (height - 2 * pad) * (rate / top);
+    const x = (t) => width * (1 - (now - t) / WINDOW_SECONDS);
+
+    context.strokeStyle = grid;
+    context.lineWidth = 1;
+    context.font = "10px system-ui, sans-serif";
+    context.fillStyle = ink;
+    for (const fraction of [0, 0.5, 1]) {
+      const level = y(top * fraction);
+      context.beginPath();
+      context.moveTo(0, Math.round(level) + 0.5);
+      context.lineTo(width, Math.round(level) + 0.5);
+      context.stroke();
+      if (fraction > 0) context.fillText(String(top * fraction), 2, level + 11);
+    }
+    if (this.samples.length < 2) return;
+    context.beginPath();
+    this.samples.forEach((s, i) => (i ? context.lineTo(x(s.t), y(s.rate)) : context.moveTo(x(s.t), y(s.rate))));
+    context.strokeStyle = accent;
+    context.lineWidth = 2;
+    context.lineJoin = "round";
+    context.stroke();
+    context.lineTo(x(this.samples[this.samples.length - 1].t), height);
+    context.lineTo(x(this.samples[0].t), height);
+    context.closePath();
+    context.globalAlpha = 0.18;
+    context.fillStyle = accent;
+    context.fill();
+    context.globalAlpha = 1;
+  }
+}
+
+// The smallest 1, 2 or 5 x 10^k at or above value.
+function niceCeiling(value) {
+  const power = 10 ** Math.floor(Math.log10(value));
+  for (const step of [1, 2, 5, 10]) if (step * power >= value) return step * power;
+  return 10 * power;
+}

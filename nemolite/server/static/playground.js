@@ -1,0 +1,470 @@
+// The playground page: chat (OpenAI streaming), completion (NeMo PUT /generate, shown as curl) and, on a
+// reward model, two answers scored side by side. Model text only ever enters the page as text nodes.
+
+import { Api, curlLine } from "./api.js";
+import { LivePanel } from "./live.js";
+import { answerStats, appendText, appendToken } from "./tokens.js";
+
+const $ = (id) => document.getElementById(id);
+const api = new Api();
+const page = {
+  mode: "chat",
+  config: null,
+  messages: [],      // the chat so far, as sent to /v1/chat/completions
+  controller: null,  // the running request's AbortController
+};
+
+// ---- messages to the user ----------------------------------------------------------------------------
+
+function showError(message) {
+  $("banner-text").textContent = message;
+  $("banner").hidden = false;
+}
+
+function clearError() {
+  $("banner").hidden = true;
+}
+
+// ---- the API key -------------------------------------------------------------------------------------
+
+let keyRequest = null;
+
+function askKey() {
+  if (keyRequest) return keyRequest;
+  const dialog = $("key-dialog");
+  keyRequest = new Promise((resolve) => {
+    const done = (given) => {
+      $("key-form").removeEventListener("submit", submit);
+      $("key-cancel").removeEventListener("click", cancel);
+      dialog.close();
+      keyRequest = null;
+      $("key-button").hidden = !api.key;
+      resolve(given);
+    };
+    const submit = (event) => {
+      event.preventDefault();
+      api.setKey($("key-input").value.trim());
+      done(Boolean(api.key));
+    };
+    const cancel = () => done(false);
+    $("key-form").addEventListener("submit", submit);
+    $("key-cancel").addEventListener("click", cancel);
+    $("key-input").value = "";
+    dialog.showModal();
+    $("key-input").focus();
+  });
+  return keyRequest;
+}
+
+api.onUnauthorized = askKey;
+
+// ---- the transcript ----------------------------------------------------------------------------------
+
+function addEntry(kind, label) {
+  $("empty-hint").hidden = true;
+  const entry = document.createElement("article");
+  entry.className = `entry ${kind}`;
+  const who = document.createElement("div");
+  who.className = "who";
+  who.textContent = label;
+  const body = document.createElement("div");
+  body.className = "body";
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  entry.append(who, body, meta);
+  $("log").appendChild(entry);
+  scrollDown();
+  return { entry, body, meta };
+}
+
+function scrollDown() {
+  const log = $("log");
+  if (log.scrollHeight - log.scrollTop - log.clientHeight < 120) log.scrollTop = log.scrollHeight;
+}
+
+function failEntry(parts, error) {
+  parts.entry.classList.add("failed");
+  const line = document.createElement("div");
+  line.className = "error-text";
+  line.textContent = error.message;
+  parts.entry.appendChild(line);
+  showError(error.message);
+}
+
+function setRunning(controller) {
+  page.controller = controller;
+  $("send").disabled = controller !== null;
+  $("stop").disabled = controller === null;
+  $("regenerate").disabled = controller !== null || page.mode !== "chat" || page.messages.length === 0;
+  document.body.classList.toggle("busy", controller !== null);
+}
+
+// ---- settings ----------------------------------------------------------------------------------------
+
+function number(id) {
+  const value = Number($(id).value);
+  if ($(id).value.trim() === "" || !Number.isFinite(value)) {
+    const label = $(id).closest("label");
+    throw new Error(`${label ? label.firstChild.textContent.trim() : id} must be a number`);
+  }
+  return value;
+}
+
+function schema() {
+  const text = $("schema").value.trim();
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new Error(`the JSON schema is not valid JSON: ${error.message}`);
+  }
+}
+
+function adapter() {
+  return $("adapter").value || null;
+}
+
+function chatBody() {
+  const messages = [];
+  const system = $("system").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  messages.push(...page.messages);
+  const body = {
+    model: adapter() || page.config?.model, messages, stream: true, stream_options: { include_usage: true },
+    max_tokens: number("chat-max-tokens"), temperature: number("chat-temperature"), top_p: number("chat-top-p"),
+  };
+  const topK = number("chat-top-k");
+  if (topK > 0) body.top_k = topK;
+  if ($("chat-logprobs").checked) body.logprobs = true;
+  const json = schema();
+  if (json !== null) body.response_format = { type: "json_schema", json_schema: { name: "playground", schema: json } };
+  return body;
+}
+
+function nemoBody(prompt) {
+  const body = {
+    sentences: [prompt], tokens_to_generate: number("nemo-tokens"), temperature: number("nemo-temperature"),
+    add_BOS: $("nemo-add-bos").checked, top_k: number("nemo-top-k"), top_p: number("nemo-top-p"),
+    greedy: $("nemo-greedy").checked, repetition_penalty: number("nemo-repetition"),
+    min_tokens_to_generate: number("nemo-min-tokens"),
+    end_strings: $("nemo-end-strings").value.split(",").map((s) => s.trim()).filter(Boolean),
+    compute_logprob: $("nemo-logprob").checked,
+  };
+  if (adapter()) body.adapter_id = adapter();
+  const json = schema();
+  if (json !== null) body.json_schema = json;
+  return body;
+}
+
+function updateCurl() {
+  if (page.mode !== "completion") return;
+  let text;
+  try {
+    text = curlLine("PUT", `${location.origin}/generate`, nemoBody($("prompt").value), Boolean(api.key));
+  } catch (error) {
+    text = `# ${error.message}`;
+  }
+  $("curl").textContent = text;
+}
+
+// ---- chat --------------------------------------------------------------------------------------------
+
+async function sendChat(text) {
+  if (text !== null) {
+    page.messages.push({ role: "user", content: text });
+    appendText(addEntry("user", "You").body, text);
+  }
+  const body = chatBody();
+  const parts = addEntry("assistant", adapter() || "Assistant");
+  parts.entry.classList.add("streaming");
+  const controller = new AbortController();
+  setRunning(controller);
+  const started = performance.now();
+  let first = null, counted = 0, usage = null, finish = null, answer = "";
+  try {
+    for await (const event of api.events("/v1/chat/completions", body, controller.signal)) {
+      if (event.usage) usage = event.usage;
+      const choice = event.choices && event.choices[0];
+      if (!choice) continue;
+      const content = choice.delta && choice.delta.content;
+      if (content) {
+        first ??= performance.now();
+        const logprobs = choice.logprobs && choice.logprobs.content;
+        counted += logprobs && logprobs.length ? logprobs.length : 1;
+        if (logprobs && logprobs.length) appendToken(parts.body, content, Math.min(...logprobs.map((l) => l.logprob)));
+        else appendText(parts.body, content);
+        answer += content;
+        scrollDown();
+      }
+      if (choice.finish_reason) finish = choice.finish_reason;
+    }
+    page.messages.push({ role: "assistant", content: answer });
+    const note = finish === "length" ? "stopped at max tokens" : "";
+    parts.meta.textContent = answerStats({ tokens: usage ? usage.completion_tokens : counted, started, first,
+                                           ended: performance.now(), note });
+  } catch (error) {
+    if (error.name !== "AbortError") {
+      failEntry(parts, error);
+    } else {
+      page.messages.push({ role: "assistant", content: answer });
+      parts.meta.textContent = answerStats({ tokens: counted, started, first, ended: performance.now(),
+                                             note: "stopped" });
+    }
+  } finally {
+    parts.entry.classList.remove("streaming");
+    setRunning(null);
+  }
+}
+
+function regenerate() {
+  if (page.controller || page.mode !== "chat") return;
+  const last = page.messages[page.messages.length - 1];
+  if (!last) return;
+  if (last.role === "assistant") page.messages.pop();
+  const entries = $("log").querySelectorAll(".entry");
+  const lastEntry = entries[entries.length - 1];
+  if (lastEntry && lastEntry.classList.contains("assistant")) lastEntry.remove();
+  clearError();
+  sendChat(null);
+}
+
+// ---- completion (NeMo PUT /generate) -----------------------------------------------------------------
+
+async function sendCompletion(prompt) {
+  const body = nemoBody(prompt);
+  appendText(addEntry("user", "Prompt").body, prompt);
+  const parts = addEntry("assistant", "Completion");
+  parts.entry.classList.add("streaming");
+  const controller = new AbortController();
+  setRunning(controller);
+  const started = performance.now();
+  try {
+    const answer = await api.json("PUT", "/generate", body, controller.signal);
+    const sentence = answer.sentences[0], offsets = answer.offsets[0];
+    const logprobs = answer.logprob ? answer.logprob[0] : null;
+    let tokens = 0;
+    for (let i = 0; i < offsets.length; i++) {
+      if (offsets[i] < prompt.length) continue;
+      tokens++;
+      const piece = sentence.slice(offsets[i], i + 1 < offsets.length ? offsets[i + 1] : sentence.length);
+      appendToken(parts.body, piece, logprobs && i > 0 ? logprobs[i - 1] : null);
+    }
+    if (tokens === 0) appendText(parts.body, sentence.slice(prompt.length));
+    parts.meta.textContent = answerStats({ tokens, started, first: null, ended: performance.now(),
+                                           note: "PUT /generate answers whole (no time to first token)" });
+  } catch (error) {
+    if (error.name === "AbortError") parts.meta.textContent = "stopped";
+    else failEntry(parts, error);
+  } finally {
+    parts.entry.classList.remove("streaming");
+    setRunning(null);
+  }
+}
+
+// ---- reward model ------------------------------------------------------------------------------------
+
+function scoreCard(label, result, range, winner) {
+  const card = document.createElement("section");
+  card.className = winner ? "score-card winner" : "score-card";
+  const head = document.createElement("div");
+  head.className = "score-head";
+  const name = document.createElement("span");
+  name.textContent = label;
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = result.score.toFixed(2);
+  score.title = "weighted score";
+  head.append(name, score);
+  card.appendChild(head);
+  for (const [attribute, value] of Object.entries(result.attributes)) {
+    const row = document.createElement("div");
+    row.className = "bar-row";
+    const title = document.createElement("span");
+    title.textContent = attribute;
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const fill = document.createElement("div");
+    fill.style.width = `${(100 * (value - range[0]) / (range[1] - range[0])).toFixed(1)}%`;
+    bar.appendChild(fill);
+    const number = document.createElement("span");
+    number.className = "num";
+    number.textContent = value.toFixed(2);
+    row.append(title, bar, number);
+    card.appendChild(row);
+  }
+  return card;
+}
+
+async function sendReward(prompt) {
+  const answers = [$("answer-a").value.trim(), $("answer-b").value.trim()];
+  if (!answers[0] || !answers[1]) throw new Error("write both answers (A and B) to score them");
+  const conversations = answers.map((answer) => [{ role: "user", content: prompt },
+                                                 { role: "assistant", content: answer }]);
+  appendText(addEntry("user", "Prompt").body, prompt);
+  const parts = addEntry("assistant", "Scores");
+  const controller = new AbortController();
+  setRunning(controller);
+  const started = performance.now();
+  try {
+    const body = { conversations };
+    if (adapter()) body.model = adapter();
+    const result = await api.json("POST", "/v1/reward", body, controller.signal);
+    const [a, b] = result.data;
+    const values = [...Object.values(a.attributes), ...Object.values(b.attributes)];
+    const range = [Math.min(0, ...values), Math.max(4, ...values)];
+    const grid = document.createElement("div");
+    grid.className = "scores";
+    grid.append(scoreCard("Answer A", a, range, a.score >= b.score),
+                scoreCard("Answer B", b, range, b.score > a.score));
+    parts.body.appendChild(grid);
+    parts.meta.textContent = `scored in ${Math.round(performance.now() - started)} ms`;
+  } catch (error) {
+    if (error.name === "AbortError") parts.meta.textContent = "stopped";
+    else failEntry(parts, error);
+  } finally {
+    setRunning(null);
+  }
+}
+
+// ---- wiring ------------------------------------------------------------------------------------------
+
+async function send() {
+  if (page.controller) return;
+  const prompt = $("prompt").value;
+  if (!prompt.trim()) return;
+  clearError();
+  try {
+    if (page.mode === "chat") {
+      chatBody(); // check the settings before the prompt leaves the box
+      $("prompt").value = "";
+      await sendChat(prompt);
+    } else if (page.mode === "completion") {
+      nemoBody(prompt);
+      await sendCompletion(prompt);
+    } else {
+      await sendReward(prompt);
+    }
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+function setMode(mode) {
+  page.mode = mode;
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+  }
+  for (const section of document.querySelectorAll("[data-modes]")) {
+    section.hidden = !section.dataset.modes.split(" ").includes(mode);
+  }
+  $("curl-box").hidden = mode !== "completion";
+  $("reward-answers").hidden = mode !== "reward";
+  $("regenerate").hidden = mode !== "chat";
+  $("mode-hint").textContent = {
+    chat: "OpenAI /v1/chat/completions, streamed",
+    completion: "NeMo PUT /generate",
+    reward: "POST /v1/reward",
+  }[mode];
+  $("prompt").placeholder = mode === "reward" ? "The user's message both answers reply to…"
+    : mode === "completion" ? "Text for the model to continue…" : "Ask the model something…";
+  setRunning(page.controller);
+  updateCurl();
+}
+
+async function loadAdapters() {
+  if (!page.config || !page.config.lora) return;
+  try {
+    const models = await api.json("GET", "/v1/models");
+    const chosen = $("adapter").value;
+    const select = $("adapter");
+    select.replaceChildren(new Option("base model", ""));
+    for (const card of models.data) if (card.parent) select.appendChild(new Option(card.id, card.id));
+    select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+    $("adapter-field").hidden = false;
+  } catch (error) {
+    showError(`could not list the adapters: ${error.message}`);
+  }
+}
+
+async function loadConfig() {
+  try {
+    page.config = await api.json("GET", "/playground/config");
+  } catch (error) {
+    $("model-name").textContent = "not connected";
+    showError(`${error.message} (retrying)`);
+    setTimeout(loadConfig, 3000);
+    return;
+  }
+  clearError();
+  const config = page.config;
+  $("model-name").textContent = config.model;
+  document.title = `${config.model} · nemolite playground`;
+  $("key-button").hidden = !api.key;
+  $("nemo-add-bos").checked = config.add_bos !== false;
+  if (config.reward) {
+    $("tab-chat").hidden = $("tab-completion").hidden = true;
+    $("tab-reward").hidden = false;
+    const list = $("reward-weights");
+    list.replaceChildren();
+    config.reward_attributes.forEach((name, i) => {
+      const item = document.createElement("li");
+      item.textContent = `${name} ${config.reward_weights[i]}`;
+      list.appendChild(item);
+    });
+    setMode("reward");
+  } else if (!config.chat) {
+    $("tab-chat").hidden = true;
+    setMode("completion");
+  }
+  await loadAdapters();
+  live.start();
+}
+
+const live = new LivePanel(api, {
+  canvas: $("rate-plot"), rateNow: $("rate-now"), running: $("stat-running"), waiting: $("stat-waiting"),
+  kv: $("stat-kv"), kvMeter: $("kv-meter"), prefix: $("stat-prefix"), error: $("live-error"), dot: $("live-dot"),
+});
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  send();
+});
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send();
+  } else if (event.key === "Escape" && page.controller) {
+    page.controller.abort();
+  }
+});
+$("stop").addEventListener("click", () => page.controller && page.controller.abort());
+$("regenerate").addEventListener("click", regenerate);
+$("clear").addEventListener("click", () => {
+  if (page.controller) page.controller.abort();
+  page.messages = [];
+  for (const entry of $("log").querySelectorAll(".entry")) entry.remove();
+  $("empty-hint").hidden = false;
+  clearError();
+  setRunning(null);
+});
+$("banner-close").addEventListener("click", clearError);
+$("key-button").addEventListener("click", () => askKey().then(loadConfig));
+$("adapter").addEventListener("focus", loadAdapters);
+$("copy-curl").addEventListener("click", async () => {
+  try {
+    await navigator.clipboard.writeText($("curl").textContent);
+    $("copy-curl").textContent = "Copied";
+  } catch (_) {
+    getSelection().selectAllChildren($("curl")); // no clipboard (plain http off localhost): select it instead
+    $("copy-curl").textContent = "Selected";
+  }
+  setTimeout(() => { $("copy-curl").textContent = "Copy"; }, 1500);
+});
+for (const tab of document.querySelectorAll("[role=tab]")) {
+  tab.addEventListener("click", () => setMode(tab.dataset.mode));
+}
+document.querySelector(".side").addEventListener("input", updateCurl);
+$("prompt").addEventListener("input", updateCurl);
+
+setMode("chat");
+loadConfig();
