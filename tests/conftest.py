@@ -170,3 +170,13 @@ def run_nemo_writer(writer: Path, out: Path, sites: list[str], timeout: int = 90
         pytest.skip(f"NeMo is not importable: {result.stdout.strip()[-300:]}")
     assert result.returncode == 0, result.stderr[-4000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (tests/browser.py), one per test module: Playwright's sync API keeps an event loop
+    of its own, which must not outlive the module into tests that run asyncio."""
+    from tests.browser import chromium
+
+    with chromium() as launched:
+        yield launched

@@ -30,6 +30,9 @@ log = logging.getLogger("nemolite.server")
 access_log = logging.getLogger("nemolite.access")
 
 UNAUTHENTICATED = ("/health", "/v2/health/live", "/v2/health/ready")
+# Health probes and metric scrapes (the playground's live panel scrapes every second) are access-logged at
+# DEBUG when they succeed: at INFO they would bury the requests in the log.
+POLLED = (*UNAUTHENTICATED, "/metrics")
 
 
 def protocol_of(path: str) -> str:
@@ -226,9 +229,10 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
 def _finish(request: Request, response: Response, started: float, state: ServerState) -> Response:
     path = request.url.path
     state.metrics.requests.labels(protocol_of(path), str(response.status_code)).inc()
-    if access_log.isEnabledFor(logging.INFO):
+    level = logging.DEBUG if path in POLLED and response.status_code < 400 else logging.INFO
+    if access_log.isEnabledFor(level):
         client = request.client
-        access_log.info(json.dumps({
+        access_log.log(level, json.dumps({
             "time": round(time.time(), 3), "client": f"{client.host}:{client.port}" if client else None,
             "method": request.method, "path": path, "status": response.status_code,
             "ms": round(1000 * (time.monotonic() - started), 1)}))

@@ -147,3 +147,31 @@ def test_reward_model_scores_with_the_adapter_named(reward_model_dir, tmp_path):
     finally:
         stop_server(server, thread)
         engine.shutdown()
+
+
+def test_playground_adapter_picker(browser, lora_server):
+    """The playground lists the served adapters and sends the one picked: as the chat's model name, and as
+    NeMo's adapter_id in the completion request it shows."""
+    from tests.browser import open_page
+
+    with open_page(browser, lora_server.url + "/") as page:
+        picker = page.get_by_role("combobox", name="Adapter")
+        picker.wait_for(timeout=10_000)
+        assert [o.strip() for o in picker.locator("option").all_inner_texts()] == ["base model", "qv", "all"]
+        picker.select_option("qv")
+        page.get_by_role("spinbutton", name="Max tokens").fill("8")
+        page.get_by_role("spinbutton", name="Temperature").fill("0")
+        page.get_by_role("textbox", name="Prompt").fill(PROMPT)
+        page.get_by_role("button", name="Send").click()
+        answer = page.locator("#log .entry.assistant")
+        answer.locator(".meta").filter(has_text="tokens").wait_for(timeout=60_000)
+        expected = requests.post(lora_server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "qv", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
+            "temperature": 0}).json()["choices"][0]["message"]["content"]
+        base = requests.post(lora_server.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL_NAME, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
+            "temperature": 0}).json()["choices"][0]["message"]["content"]
+        assert answer.locator(".body").inner_text() == expected != base
+        assert answer.locator(".who").inner_text().lower() == "qv"
+        page.get_by_role("tab", name="Completion").click()
+        assert '"adapter_id":"qv"' in page.locator("#curl").inner_text()

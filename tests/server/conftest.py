@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
+import requests
 import uvicorn
 
 from nemolite.engine.async_llm import AsyncLLM
@@ -55,6 +59,32 @@ def start_server(engine: AsyncLLM, **app_options) -> tuple[LiveServer, uvicorn.S
 def stop_server(server: uvicorn.Server, thread: threading.Thread) -> None:
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, timeout: float = 60.0):
+    """``python -m nemolite serve ARGS`` on a free port of 127.0.0.1, as users start it: yields the process
+    (stdout and stderr merged, as text) and its URL once /health answers; killed afterwards if still running."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "nemolite", "serve", "--port", str(port), "--host", "127.0.0.1",
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

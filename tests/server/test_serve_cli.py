@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import requests
 
-from tests.server.conftest import free_port
+from tests.server.conftest import serve_process
 
 
 def test_serve_answers_every_protocol_and_stops_on_sigterm():
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "nemolite", "serve", "--port", str(port), "--host", "127.0.0.1",
-                                "--served-model-name", "tiny", "--dtype", "float32"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    with serve_process("--served-model-name", "tiny", "--dtype", "float32") as (process, url):
         assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "tiny"
+        assert requests.get(f"{url}/metrics", timeout=10).ok and requests.get(f"{url}/", timeout=10).ok
         nemo = requests.put(f"{url}/generate", json={"sentences": ["Return the"], "tokens_to_generate": 8,
                                                      "greedy": True}, timeout=30).json()
         openai = requests.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Return the",
@@ -58,7 +42,5 @@ def test_serve_answers_every_protocol_and_stops_on_sigterm():
         log = process.stdout.read()
         assert "Traceback" not in log, log
         assert '"path": "/generate", "status": 200' in log  # the structured access log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        assert '"path": "/metrics"' not in log and '"path": "/health"' not in log  # scrapes and probes: DEBUG
+        assert "playground: http://127.0.0.1:" in log

@@ -30,8 +30,9 @@ function connectionLost(error) {
 export class Api {
   constructor() {
     this.key = sessionStorage.getItem(KEY_STORAGE) || "";
-    // Called on a 401: resolves to true once the user gave a (new) key, false if they declined.
-    this.onUnauthorized = async () => false;
+    // Called on a 401 with whether a key was sent (and refused): resolves to true once the user gave a
+    // key, false if they declined.
+    this.onUnauthorized = async (refused) => false;
   }
 
   setKey(key) {
@@ -47,8 +48,8 @@ export class Api {
   }
 
   // The Response of a successful call; a 4xx/5xx or a failed connection throws ApiError. A 401 asks for
-  // the key once and retries.
-  async call(method, path, body, signal, retried = false) {
+  // the key and retries, until the server takes it or the user cancels.
+  async call(method, path, body, signal) {
     let response;
     try {
       response = await fetch(path, {
@@ -61,8 +62,8 @@ export class Api {
     }
     if (response.ok) return response;
     const text = await response.text().catch(() => "");
-    if (response.status === 401 && !retried && await this.onUnauthorized()) {
-      return this.call(method, path, body, signal, true);
+    if (response.status === 401 && await this.onUnauthorized(Boolean(this.key))) {
+      return this.call(method, path, body, signal);
     }
     throw new ApiError(response.status, errorMessage(response.status, text));
   }

@@ -1,7 +1,9 @@
 // The live panel: polls the server's Prometheus /metrics once a second and draws tokens/s over the
-// last three minutes, with the running and waiting requests, KV blocks used and the prefix-cache hit rate.
+// last three minutes (or since the page opened, at least 30 s), with the running and waiting requests,
+// KV blocks used and the prefix-cache hit rate.
 
 const WINDOW_SECONDS = 180;
+const MIN_WINDOW_SECONDS = 30;
 const POLL_MS = 1000;
 
 // Prometheus text exposition -> {metric name: sum over its label sets}.
@@ -62,6 +64,9 @@ export class LivePanel {
       this.samples.push({ t: now, rate });
       while (this.samples.length && this.samples[0].t < now - WINDOW_SECONDS) this.samples.shift();
       this.el.rateNow.textContent = formatRate(rate);
+      const rates = this.samples.map((sample) => sample.rate);
+      const mean = rates.reduce((sum, value) => sum + value, 0) / rates.length;
+      this.el.rateSummary.textContent = `peak ${formatRate(Math.max(...rates))} · mean ${formatRate(mean)}`;
     }
     this.last = { t: now, tokens };
     const total = values.nemolite_kv_cache_blocks_total || 0;
@@ -94,8 +99,11 @@ export class LivePanel {
     const peak = Math.max(10, ...this.samples.map((s) => s.rate));
     const top = niceCeiling(peak);
     const pad = 4;
+    const span = this.samples.length
+      ? Math.min(WINDOW_SECONDS, Math.max(MIN_WINDOW_SECONDS, Math.ceil(now - this.samples[0].t))) : MIN_WINDOW_SECONDS;
+    this.el.axisStart.textContent = span >= 120 ? `−${(span / 60).toFixed(0)} min` : `−${span} s`;
     const y = (rate) => height - pad - (height - 2 * pad) * (rate / top);
-    const x = (t) => width * (1 - (now - t) / WINDOW_SECONDS);
+    const x = (t) => width * (1 - (now - t) / span);
 
     context.strokeStyle = grid;
     context.lineWidth = 1;
@@ -126,9 +134,9 @@ export class LivePanel {
   }
 }
 
-// The smallest 1, 2 or 5 x 10^k at or above value.
+// A round plot ceiling: the smallest of 1, 1.5, 2, 3, 4, 5, 6, 8 x 10^k at or above value.
 function niceCeiling(value) {
   const power = 10 ** Math.floor(Math.log10(value));
-  for (const step of [1, 2, 5, 10]) if (step * power >= value) return step * power;
+  for (const step of [1, 1.5, 2, 3, 4, 5, 6, 8]) if (step * power >= value) return step * power;
   return 10 * power;
 }

@@ -29,8 +29,9 @@ function clearError() {
 
 let keyRequest = null;
 
-function askKey() {
+function askKey(refused = false) {
   if (keyRequest) return keyRequest;
+  $("key-refused").hidden = !refused;
   const dialog = $("key-dialog");
   keyRequest = new Promise((resolve) => {
     const done = (given) => {
@@ -421,7 +422,8 @@ async function loadConfig() {
 }
 
 const live = new LivePanel(api, {
-  canvas: $("rate-plot"), rateNow: $("rate-now"), running: $("stat-running"), waiting: $("stat-waiting"),
+  canvas: $("rate-plot"), rateNow: $("rate-now"), rateSummary: $("rate-summary"), axisStart: $("axis-start"),
+  running: $("stat-running"), waiting: $("stat-waiting"),
   kv: $("stat-kv"), kvMeter: $("kv-meter"), prefix: $("stat-prefix"), error: $("live-error"), dot: $("live-dot"),
 });
 
@@ -448,7 +450,7 @@ $("clear").addEventListener("click", () => {
   setRunning(null);
 });
 $("banner-close").addEventListener("click", clearError);
-$("key-button").addEventListener("click", () => askKey().then(loadConfig));
+$("key-button").addEventListener("click", () => askKey(false).then(loadConfig));
 $("adapter").addEventListener("focus", loadAdapters);
 $("copy-curl").addEventListener("click", async () => {
   try {
