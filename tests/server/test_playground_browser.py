@@ -98,6 +98,12 @@ def test_completion_mode_sends_the_put_generate_it_shows_as_curl(browser, served
         page.get_by_label("Greedy").check()
         page.get_by_label("Compute logprobs (colour)").check()
         page.get_by_role("textbox", name="Prompt").fill("Return the")
+        end_strings = page.get_by_label("End strings")
+        end_strings.fill('["a, b", "<|endoftext|>"]')  # a JSON array for strings with commas
+        assert '"end_strings":["a, b","<|endoftext|>"]' in page.locator("#curl").inner_text()
+        end_strings.fill('["a", 1]')
+        assert page.locator("#curl").inner_text().startswith("# end strings: give a JSON array of strings")
+        end_strings.fill("<|endoftext|>, ")
         curl = page.locator("#curl").inner_text()
         assert curl.startswith(f"curl -X PUT '{served}/generate'")
         ran = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60, check=True)
@@ -178,6 +184,16 @@ def test_stop_ends_a_long_answer_and_the_server_frees_it(browser, served):
         while "nemolite_num_requests_running{model_name=\"demo\"} 0.0" not in requests.get(served + "/metrics").text:
             assert time.monotonic() < deadline, "the stopped answer still runs on the server"
             time.sleep(0.1)
+        # Regenerate continues from the stopped answer's prompt; Clear in the middle of an answer leaves
+        # nothing of it in the next request.
+        page.get_by_role("button", name="Regenerate").click()
+        page.locator("#log .entry.assistant .body").filter(has_text=re.compile(r"\d")).wait_for(timeout=30_000)
+        page.get_by_role("button", name="Clear").click()
+        page.get_by_role("textbox", name="JSON schema").fill("")
+        with page.expect_request("**/v1/chat/completions") as request:
+            send(page, "hello")
+        assert json.loads(request.value.post_data)["messages"] == [{"role": "user", "content": "hello"}]
+        wait_answered(page)
 
 
 def test_live_panel_follows_the_server_and_the_page_screenshot(browser, served):

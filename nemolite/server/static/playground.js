@@ -142,13 +142,29 @@ function chatBody() {
   return body;
 }
 
+// Comma-separated, or a JSON array of strings for end strings that hold commas.
+function endStrings() {
+  const text = $("nemo-end-strings").value.trim();
+  if (!text.startsWith("[")) return text.split(",").map((s) => s.trim()).filter(Boolean);
+  let strings;
+  try {
+    strings = JSON.parse(text);
+  } catch (error) {
+    throw new Error(`end strings: not a JSON array (${error.message})`);
+  }
+  if (!Array.isArray(strings) || !strings.every((s) => typeof s === "string")) {
+    throw new Error("end strings: give a JSON array of strings, or strings separated by commas");
+  }
+  return strings;
+}
+
 function nemoBody(prompt) {
   const body = {
     sentences: [prompt], tokens_to_generate: number("nemo-tokens"), temperature: number("nemo-temperature"),
     add_BOS: $("nemo-add-bos").checked, top_k: number("nemo-top-k"), top_p: number("nemo-top-p"),
     greedy: $("nemo-greedy").checked, repetition_penalty: number("nemo-repetition"),
     min_tokens_to_generate: number("nemo-min-tokens"),
-    end_strings: $("nemo-end-strings").value.split(",").map((s) => s.trim()).filter(Boolean),
+    end_strings: endStrings(),
     compute_logprob: $("nemo-logprob").checked,
   };
   if (adapter()) body.adapter_id = adapter();
@@ -206,7 +222,7 @@ async function sendChat(text) {
   } catch (error) {
     if (error.name !== "AbortError") {
       failEntry(parts, error);
-    } else {
+    } else if (parts.entry.isConnected) { // stopped (not cleared away): the partial answer stays in the chat
       page.messages.push({ role: "assistant", content: answer });
       parts.meta.textContent = answerStats({ tokens: counted, started, first, ended: performance.now(),
                                              note: "stopped" });
