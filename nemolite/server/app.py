@@ -141,7 +141,10 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        history = asyncio.create_task(app.state.token_history.run()) if enable_playground else None
         yield
+        if history is not None:
+            history.cancel()
         state.close()
         if shutdown_engine:
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
@@ -149,6 +152,8 @@ def build_app(engine: AsyncLLM, model_name: str, *, api_key: str | None = None,
     public = frozenset(UNAUTHENTICATED) | (playground.PUBLIC_PATHS if enable_playground else frozenset())
     app = FastAPI(title="nemolite", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.nemolite = state
+    if enable_playground:
+        app.state.token_history = playground.TokenHistory(engine.stats)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

@@ -10,6 +10,10 @@ nothing of the model); everything it fetches afterwards carries the API key when
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import time
+from collections.abc import Callable
 from importlib import resources
 
 from fastapi import APIRouter, Request
@@ -38,6 +42,28 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",  # a restarted server with a newer nemolite serves its own page
 }
+
+
+class TokenHistory:
+    """The engine's generated-token counter once a second over the last ``seconds``, so that a page opened
+    on a busy server draws the last minutes at once (the live panel then follows /metrics)."""
+
+    def __init__(self, engine_stats: Callable[[], dict[str, float]], seconds: int = 300):
+        self.engine_stats = engine_stats
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=seconds + 1)
+
+    def sample(self) -> None:
+        self.samples.append((time.monotonic(), float(self.engine_stats()["generation_tokens"])))
+
+    async def run(self, interval: float = 1.0) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(interval)
+
+    def as_json(self) -> dict:
+        """``[seconds ago, tokens generated so far]`` pairs, oldest first."""
+        now = time.monotonic()
+        return {"generation_tokens": [[round(now - t, 3), value] for t, value in self.samples]}
 
 
 def _read(name: str) -> bytes:
@@ -71,3 +97,8 @@ async def config(request: Request):
         body["reward_attributes"] = names
         body["reward_weights"] = list(resolve_weights(state.reward_weights, names))
     return body
+
+
+@router.get("/playground/history")
+async def history(request: Request):
+    return request.app.state.token_history.as_json()

@@ -5,6 +5,7 @@
 const WINDOW_SECONDS = 180;
 const MIN_WINDOW_SECONDS = 30;
 const POLL_MS = 1000;
+const BUSY_POLL_MS = 250; // while this page waits for an answer: its own tokens show as they stream
 
 // Prometheus text exposition -> {metric name: sum over its label sets}.
 export function parseMetrics(text) {
@@ -30,14 +31,52 @@ export class LivePanel {
     this.samples = []; // {t: seconds, rate: tokens/s}
     this.last = null;  // {t, tokens}
     this.timer = null;
+    this.started = false;
+    this.busy = false;
     new ResizeObserver(() => this.draw()).observe(this.el.canvas);
   }
 
   start() {
-    if (this.timer === null) {
-      this.poll();
-      this.timer = setInterval(() => this.poll(), POLL_MS);
+    if (this.started) return;
+    this.started = true;
+    this.seed().finally(() => this.tick());
+  }
+
+  // While this page waits for an answer it polls faster, and once more as soon as the answer ends.
+  setBusy(busy) {
+    if (busy === this.busy) return;
+    this.busy = busy;
+    if (this.timer !== null) this.schedule(busy ? BUSY_POLL_MS : 0);
+  }
+
+  schedule(delay) {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.tick(), delay);
+  }
+
+  async tick() {
+    this.timer = null;
+    await this.poll();
+    this.schedule(this.busy ? BUSY_POLL_MS : POLL_MS);
+  }
+
+  // The server's last minutes (GET /playground/history: [seconds ago, tokens so far] pairs), so that the
+  // plot starts full on a server that has been busy.
+  async seed() {
+    let points;
+    try {
+      points = (await this.api.json("GET", "/playground/history")).generation_tokens;
+    } catch (_) {
+      return; // the plot starts empty; /metrics polling reports what is wrong
     }
+    const now = performance.now() / 1000;
+    for (let i = 1; i < points.length; i++) {
+      const [agoBefore, before] = points[i - 1], [ago, tokens] = points[i];
+      if (agoBefore > ago && ago <= WINDOW_SECONDS) {
+        this.samples.push({ t: now - ago, rate: Math.max(0, tokens - before) / (agoBefore - ago) });
+      }
+    }
+    if (points.length) this.last = { t: now - points[points.length - 1][0], tokens: points[points.length - 1][1] };
   }
 
   async poll() {

@@ -97,7 +97,7 @@ function setRunning(controller) {
   $("send").disabled = controller !== null;
   $("stop").disabled = controller === null;
   $("regenerate").disabled = controller !== null || page.mode !== "chat" || page.messages.length === 0;
-  document.body.classList.toggle("busy", controller !== null);
+  live.setBusy(controller !== null);
 }
 
 // ---- settings ----------------------------------------------------------------------------------------
