@@ -61,18 +61,19 @@ api.onUnauthorized = askKey;
 
 // ---- the transcript ----------------------------------------------------------------------------------
 
+// A new element with a class, text (as a text node) or children.
+function element(tag, className, text = null, ...children) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== null) node.textContent = text;
+  node.append(...children);
+  return node;
+}
+
 function addEntry(kind, label) {
   $("empty-hint").hidden = true;
-  const entry = document.createElement("article");
-  entry.className = `entry ${kind}`;
-  const who = document.createElement("div");
-  who.className = "who";
-  who.textContent = label;
-  const body = document.createElement("div");
-  body.className = "body";
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  entry.append(who, body, meta);
+  const body = element("div", "body"), meta = element("div", "meta");
+  const entry = element("article", `entry ${kind}`, null, element("div", "who", label), body, meta);
   $("log").appendChild(entry);
   scrollDown();
   return { entry, body, meta };
@@ -85,10 +86,7 @@ function scrollDown() {
 
 function failEntry(parts, error) {
   parts.entry.classList.add("failed");
-  const line = document.createElement("div");
-  line.className = "error-text";
-  line.textContent = error.message;
-  parts.entry.appendChild(line);
+  parts.entry.appendChild(element("div", "error-text", error.message));
   showError(error.message);
 }
 
@@ -281,33 +279,15 @@ async function sendCompletion(prompt) {
 // ---- reward model ------------------------------------------------------------------------------------
 
 function scoreCard(label, result, range, winner) {
-  const card = document.createElement("section");
-  card.className = winner ? "score-card winner" : "score-card";
-  const head = document.createElement("div");
-  head.className = "score-head";
-  const name = document.createElement("span");
-  name.textContent = label;
-  const score = document.createElement("span");
-  score.className = "score";
-  score.textContent = result.score.toFixed(2);
+  const card = element("section", winner ? "score-card winner" : "score-card");
+  const score = element("span", "score", result.score.toFixed(2));
   score.title = "weighted score";
-  head.append(name, score);
-  card.appendChild(head);
+  card.appendChild(element("div", "score-head", null, element("span", "", label), score));
   for (const [attribute, value] of Object.entries(result.attributes)) {
-    const row = document.createElement("div");
-    row.className = "bar-row";
-    const title = document.createElement("span");
-    title.textContent = attribute;
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    const fill = document.createElement("div");
+    const fill = element("div", "");
     fill.style.width = `${(100 * (value - range[0]) / (range[1] - range[0])).toFixed(1)}%`;
-    bar.appendChild(fill);
-    const number = document.createElement("span");
-    number.className = "num";
-    number.textContent = value.toFixed(2);
-    row.append(title, bar, number);
-    card.appendChild(row);
+    card.appendChild(element("div", "bar-row", null, element("span", "", attribute), element("div", "bar", null, fill),
+                             element("span", "num", value.toFixed(2))));
   }
   return card;
 }
@@ -329,11 +309,8 @@ async function sendReward(prompt) {
     const [a, b] = result.data;
     const values = [...Object.values(a.attributes), ...Object.values(b.attributes)];
     const range = [Math.min(0, ...values), Math.max(4, ...values)];
-    const grid = document.createElement("div");
-    grid.className = "scores";
-    grid.append(scoreCard("Answer A", a, range, a.score >= b.score),
-                scoreCard("Answer B", b, range, b.score > a.score));
-    parts.body.appendChild(grid);
+    parts.body.appendChild(element("div", "scores", null, scoreCard("Answer A", a, range, a.score >= b.score),
+                                   scoreCard("Answer B", b, range, b.score > a.score)));
     parts.meta.textContent = `scored in ${Math.round(performance.now() - started)} ms`;
   } catch (error) {
     if (error.name === "AbortError") parts.meta.textContent = "stopped";
@@ -421,13 +398,8 @@ async function loadConfig() {
   if (config.reward) {
     $("tab-chat").hidden = $("tab-completion").hidden = true;
     $("tab-reward").hidden = false;
-    const list = $("reward-weights");
-    list.replaceChildren();
-    config.reward_attributes.forEach((name, i) => {
-      const item = document.createElement("li");
-      item.textContent = `${name} ${config.reward_weights[i]}`;
-      list.appendChild(item);
-    });
+    $("reward-weights").replaceChildren(...config.reward_attributes.map(
+      (name, i) => element("li", "", `${name} ${config.reward_weights[i]}`)));
     setMode("reward");
   } else if (!config.chat) {
     $("tab-chat").hidden = true;
