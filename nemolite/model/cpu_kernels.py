@@ -20,12 +20,18 @@ compiled graphs call them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import threading
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: torch's own lock file alone
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +66,12 @@ def load() -> bool:
         return _loaded
 
 
+def extension_name() -> str:
+    """The torch extension's name: our kernels' version and this CPU's flags (a cache shared across CPUs
+    stays right)."""
+    return f"nemolite_cpu_kernels_v45_{hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]}"
+
+
 def _build() -> bool:
     """Compile the extension for this CPU (-march=native: each file uses the instructions it finds, e.g.
     AVX512-BF16 or AVX2/VNNI); the build is cached per source, flags and CPU feature set."""
@@ -69,10 +81,11 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load as load_extension
 
         log.info("loading the CPU kernels (the first time builds them with the C++ compiler, ~1 min)")
-        cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]  # a cache shared across CPUs stays right
-        load_extension(f"nemolite_cpu_kernels_v45_{cpu}", [str(CSRC / name) for name in SOURCES],
-                       is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+        name = extension_name()
+        with _build_guard(name):
+            load_extension(name, [str(CSRC / source) for source in SOURCES],
+                           is_python_module=False, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no headers: gathered attention and oneDNN
         log.warning("CPU kernels unavailable (%s); decode attention gathers the context instead", error)
         return False
@@ -102,6 +115,27 @@ def _build() -> bool:
         torch.library.register_fake("nemolite::linear_int8_rows8")(
             lambda x, qweight, scales, group_size: x.new_empty(x.shape[0], qweight.shape[0]))
     return True
+
+
+@contextlib.contextmanager
+def _build_guard(name: str):
+    """One build of the extension at a time across processes, under an flock the OS releases when its
+    holder dies. torch's own guard is a ``lock`` file in the build directory that a build killed midway
+    (Ctrl-C on the first ``nemolite serve``) leaves behind, and every later start then waits for it
+    forever; holding the flock proves no build of ours is running, so such a file is stale and goes."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if fcntl is None:
+        yield
+        return
+    directory = _get_build_directory(name, verbose=False)
+    with open(os.path.join(directory, "nemolite.flock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):
+            log.warning("removing %s, left by a kernel build that did not finish", stale)
+            os.remove(stale)
+        yield
 
 
 def loaded() -> bool:

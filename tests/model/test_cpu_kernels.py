@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,3 +124,15 @@ def test_greedy_rows_of_rows_with_infinities_and_nans(kernel):
     assert torch.allclose(logsumexp[3], want[3])
     with pytest.raises(RuntimeError, match="fp32 logits"):
         torch.ops.nemolite.greedy_rows(logits.double())
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(kernel):
+    """torch's build guard is a lock file that a build killed midway leaves behind; the next process then
+    waited for it forever (seen: nemolite serve killed during its first start, every later start hung)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(kernel.extension_name(), verbose=False)) / "lock"
+    lock.touch()
+    code = "from nemolite.model import cpu_kernels; assert cpu_kernels.load()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)  # cached: about a second
+    assert not lock.exists()

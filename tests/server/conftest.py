@@ -62,9 +62,10 @@ def stop_server(server: uvicorn.Server, thread: threading.Thread) -> None:
 
 
 @contextlib.contextmanager
-def serve_process(*args: str, timeout: float = 60.0):
+def serve_process(*args: str, timeout: float = 240.0):
     """``python -m nemolite serve ARGS`` on a free port of 127.0.0.1, as users start it: yields the process
-    (stdout and stderr merged, as text) and its URL once /health answers; killed afterwards if still running."""
+    (stdout and stderr merged, as text) and its URL once /health answers; killed afterwards if still running.
+    The timeout covers a first start that builds the CPU kernels (about 80 s on 2 cores)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "nemolite", "serve", "--port", str(port), "--host", "127.0.0.1",
                                 *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
