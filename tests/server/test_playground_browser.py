@@ -80,6 +80,11 @@ def test_keyboard_alone_drives_it(browser, served):
         page.keyboard.press("Enter")
         wait_answered(page)
         assert page.locator("#log .entry.user").inner_text() == "first line\nsecond line"
+        page.get_by_role("tab", name="Chat").focus()  # arrows move between the tabs
+        page.keyboard.press("ArrowRight")
+        assert page.get_by_role("tab", name="Completion").get_attribute("aria-selected") == "true"
+        page.keyboard.press("ArrowLeft")
+        assert page.get_by_role("tab", name="Chat").get_attribute("aria-selected") == "true"
         # Regenerate replaces the last answer; Clear empties the transcript.
         page.get_by_role("button", name="Regenerate").click()
         wait_answered(page)
@@ -95,7 +100,8 @@ def test_tokens_coloured_by_probability(browser, served):
         answer = wait_answered(page)
         tokens = answer.locator(".token")
         assert tokens.count() > 0
-        assert re.fullmatch(r"logprob -?[\d.]+ · p [\d.]+%", tokens.first.get_attribute("title"))
+        title = tokens.first.get_attribute("title")
+        assert re.fullmatch(r'logprob -?[\d.]+ · p [\d.]+%\nmost likely: (".*" [\d.]+%, ){4}".*" [\d.]+%', title), title
         assert "".join(tokens.all_inner_texts()) == answer.locator(".body").inner_text()
 
 

@@ -134,7 +134,7 @@ function chatBody() {
   };
   const topK = number("chat-top-k");
   if (topK > 0) body.top_k = topK;
-  if ($("chat-logprobs").checked) body.logprobs = true;
+  if ($("chat-logprobs").checked) Object.assign(body, { logprobs: true, top_logprobs: 5 });
   const json = schema();
   if (json !== null) body.response_format = { type: "json_schema", json_schema: { name: "playground", schema: json } };
   return body;
@@ -206,7 +206,9 @@ async function sendChat(text) {
         first ??= performance.now();
         const logprobs = choice.logprobs && choice.logprobs.content;
         counted += logprobs && logprobs.length ? logprobs.length : 1;
-        if (logprobs && logprobs.length) appendToken(parts.body, content, Math.min(...logprobs.map((l) => l.logprob)));
+        if (logprobs && logprobs.length) {
+          appendToken(parts.body, content, Math.min(...logprobs.map((l) => l.logprob)), logprobs[0].top_logprobs || []);
+        }
         else appendText(parts.body, content);
         answer += content;
         scrollDown();
@@ -347,6 +349,7 @@ function setMode(mode) {
   page.mode = mode;
   for (const tab of document.querySelectorAll("[role=tab]")) {
     tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+    tab.tabIndex = tab.dataset.mode === mode ? 0 : -1;
   }
   for (const section of document.querySelectorAll("[data-modes]")) {
     section.hidden = !section.dataset.modes.split(" ").includes(mode);
@@ -453,6 +456,14 @@ $("copy-curl").addEventListener("click", async () => {
 for (const tab of document.querySelectorAll("[role=tab]")) {
   tab.addEventListener("click", () => setMode(tab.dataset.mode));
 }
+$("tabs").addEventListener("keydown", (event) => { // arrows move between the tabs (WAI-ARIA tabs pattern)
+  if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+  const tabs = [...document.querySelectorAll("[role=tab]")].filter((tab) => !tab.hidden);
+  const at = tabs.findIndex((tab) => tab.dataset.mode === page.mode);
+  const next = tabs[(at + (event.key === "ArrowRight" ? 1 : tabs.length - 1)) % tabs.length];
+  setMode(next.dataset.mode);
+  next.focus();
+});
 document.querySelector(".side").addEventListener("input", updateCurl);
 $("prompt").addEventListener("input", updateCurl);
 

@@ -14,7 +14,13 @@ export function appendText(container, text) {
   else container.appendChild(document.createTextNode(text));
 }
 
-export function appendToken(container, text, logprob) {
+function percent(logprob) {
+  return `${(100 * Math.exp(logprob)).toFixed(1)}%`;
+}
+
+// ``alternatives``: the most likely tokens at that position ([{token, logprob}], OpenAI's top_logprobs),
+// shown with the token's own probability when the pointer rests on it.
+export function appendToken(container, text, logprob, alternatives = []) {
   if (logprob === null || logprob === undefined || !Number.isFinite(logprob)) {
     appendText(container, text);
     return;
@@ -23,7 +29,10 @@ export function appendToken(container, text, logprob) {
   span.className = "token";
   span.textContent = text;
   span.style.backgroundColor = probabilityColour(logprob);
-  span.title = `logprob ${logprob.toFixed(3)} · p ${(100 * Math.exp(logprob)).toFixed(1)}%`;
+  span.title = `logprob ${logprob.toFixed(3)} · p ${percent(logprob)}`;
+  if (alternatives.length) {
+    span.title += `\nmost likely: ${alternatives.map((a) => `${JSON.stringify(a.token)} ${percent(a.logprob)}`).join(", ")}`;
+  }
   container.appendChild(span);
 }
 
