@@ -93,6 +93,30 @@ def test_keyboard_alone_drives_it(browser, served):
         assert page.locator("#log .entry").count() == 0
 
 
+def test_a_reload_keeps_the_settings_the_mode_and_the_chat(browser, served):
+    with open_page(browser, served + "/") as page:
+        page.get_by_role("spinbutton", name="Temperature").fill("0.3")
+        page.get_by_label("Colour tokens by probability").check()
+        send(page, "What is a tuple?")
+        answer = wait_answered(page).locator(".body").inner_text()
+        page.reload()
+        page.locator("#log .entry.assistant").wait_for(timeout=10_000)
+        assert page.get_by_role("spinbutton", name="Temperature").input_value() == "0.3"
+        assert page.get_by_label("Colour tokens by probability").is_checked()
+        assert page.locator("#log .entry.user").inner_text() == "What is a tuple?"
+        assert page.locator("#log .entry.assistant .body").inner_text() == answer
+        with page.expect_request("**/v1/chat/completions") as request:  # the chat goes on from there
+            send(page, "And a list?")
+        assert [m["content"] for m in json.loads(request.value.post_data)["messages"]] == \
+            ["What is a tuple?", answer, "And a list?"]
+        wait_answered(page, 2)
+        page.get_by_role("tab", name="Completion").click()
+        page.get_by_role("button", name="Clear").click()
+        page.reload()
+        page.get_by_role("tab", name="Completion").and_(page.locator("[aria-selected=true]")).wait_for(timeout=10_000)
+        assert page.locator("#log .entry").count() == 0
+
+
 def test_tokens_coloured_by_probability(browser, served):
     with open_page(browser, served + "/") as page:
         page.get_by_label("Colour tokens by probability").check()

@@ -11,6 +11,8 @@ const page = {
   mode: "chat",
   config: null,
   messages: [],      // the chat so far, as sent to /v1/chat/completions
+  chatModel: null,   // the model the chat was with (a reload onto another model starts a new one)
+  savedSettings: {}, // the settings restored from the last visit
   controller: null,  // the running request's AbortController
 };
 
@@ -90,7 +92,59 @@ function failEntry(parts, error) {
   showError(error.message);
 }
 
+// ---- what survives a reload: the settings, the mode and the chat (per model), in localStorage ----------
+
+const STORE = "nemolite-playground";
+
+function stored() {
+  try {
+    return JSON.parse(localStorage.getItem(STORE)) || {};
+  } catch (_) {
+    return {};
+  }
+}
+
+function saveState() {
+  const settings = {};
+  for (const input of document.querySelectorAll(".side input, .side textarea")) {
+    settings[input.id] = input.type === "checkbox" ? input.checked : input.value;
+  }
+  const state = { settings, mode: page.mode, chat: { model: page.chatModel, messages: page.messages } };
+  try {
+    localStorage.setItem(STORE, JSON.stringify(state));
+  } catch (_) { /* storage full or off: nothing is kept */ }
+}
+
+function restoreState() {
+  const state = stored();
+  for (const [id, value] of Object.entries(state.settings || {})) {
+    const input = document.getElementById(id);
+    if (!input || !input.closest(".side")) continue;
+    if (input.type === "checkbox") input.checked = value === true;
+    else if (typeof value === "string") input.value = value;
+  }
+  page.savedSettings = state.settings || {};
+  const chat = state.chat || {};
+  if (Array.isArray(chat.messages)) {
+    page.chatModel = chat.model;
+    for (const message of chat.messages) {
+      if (!message || typeof message.content !== "string" || !["user", "assistant"].includes(message.role)) continue;
+      page.messages.push({ role: message.role, content: message.content });
+      const parts = message.role === "user" ? addEntry("user", "You") : addEntry("assistant", "Assistant");
+      appendText(parts.body, message.content);
+    }
+  }
+  return state.mode === "completion" ? "completion" : "chat";
+}
+
+function clearChat() {
+  page.messages = [];
+  for (const entry of $("log").querySelectorAll(".entry")) entry.remove();
+  $("empty-hint").hidden = false;
+}
+
 function setRunning(controller) {
+  if (controller === null) saveState();
   page.controller = controller;
   $("send").disabled = controller !== null;
   $("stop").disabled = controller === null;
@@ -397,7 +451,12 @@ async function loadConfig() {
   $("model-name").textContent = config.model;
   document.title = `${config.model} · nemolite playground`;
   $("key-button").hidden = !api.key;
-  $("nemo-add-bos").checked = config.add_bos !== false;
+  if (page.savedSettings["nemo-add-bos"] === undefined) $("nemo-add-bos").checked = config.add_bos !== false;
+  if (page.chatModel !== config.model) {
+    if (page.chatModel !== null && page.chatModel !== undefined) clearChat();
+    page.chatModel = config.model;
+    saveState();
+  }
   if (config.reward) {
     $("tab-chat").hidden = $("tab-completion").hidden = true;
     $("tab-reward").hidden = false;
@@ -434,9 +493,7 @@ $("stop").addEventListener("click", () => page.controller && page.controller.abo
 $("regenerate").addEventListener("click", regenerate);
 $("clear").addEventListener("click", () => {
   if (page.controller) page.controller.abort();
-  page.messages = [];
-  for (const entry of $("log").querySelectorAll(".entry")) entry.remove();
-  $("empty-hint").hidden = false;
+  clearChat();
   clearError();
   setRunning(null);
 });
@@ -464,8 +521,11 @@ $("tabs").addEventListener("keydown", (event) => { // arrows move between the ta
   setMode(next.dataset.mode);
   next.focus();
 });
-document.querySelector(".side").addEventListener("input", updateCurl);
+document.querySelector(".side").addEventListener("input", () => {
+  updateCurl();
+  saveState();
+});
 $("prompt").addEventListener("input", updateCurl);
 
-setMode("chat");
+setMode(restoreState());
 loadConfig();
