@@ -389,8 +389,7 @@ async function send() {
       $("prompt").value = "";
       await sendChat(prompt);
     } else if (page.mode === "completion") {
-      nemoBody(prompt);
-      await sendCompletion(prompt);
+      await sendCompletion(prompt); // builds (and so checks) the body before it changes the page
     } else {
       await sendReward(prompt);
     }
